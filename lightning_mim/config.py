@@ -1,0 +1,125 @@
+"""Building run configs from `conf/` with Hydra's compose API.
+
+We compose configs ourselves instead of using `@hydra.main` because the sweep builds one config
+per trial in-process, and because a typo should produce one clear line ("unknown schedule 'cosin';
+valid: ...") rather than Hydra's multi-line report with a stack trace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+ROOT_CONFIG = "train"
+
+
+def config_dir() -> Path:
+    """The `conf/` directory (env LIGHTNING_MIM_CONF overrides; default: beside the package)."""
+    env = os.environ.get("LIGHTNING_MIM_CONF")
+    path = Path(env) if env else Path(__file__).resolve().parent.parent / "conf"
+    if not (path / f"{ROOT_CONFIG}.yaml").is_file():
+        raise FileNotFoundError(
+            f"config directory {path} has no {ROOT_CONFIG}.yaml; install the project editable "
+            "(`pip install -e .`) from its repository or set LIGHTNING_MIM_CONF"
+        )
+    return path
+
+
+def sweeps_dir() -> Path:
+    """The `sweeps/` directory of named ablation studies."""
+    return config_dir().parent / "sweeps"
+
+
+class ConfigError(ValueError):
+    """A config problem explained in one line (unknown option, bad override)."""
+
+
+def group_options(group: str) -> list[str]:
+    """Option names of a config group (`schedule` -> ['arccos', 'cosine', ...])."""
+    folder = config_dir() / group
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def config_groups() -> list[str]:
+    return sorted(p.name for p in config_dir().iterdir() if p.is_dir())
+
+
+def _check_group_choices(overrides: Sequence[str]) -> None:
+    """Fail early, in one line, on `group=unknown` (Hydra's own message spans many lines)."""
+    groups = set(config_groups())
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        if not sep or key not in groups or value in ("null", ""):
+            continue
+        valid = group_options(key)
+        for choice in value.split(","):
+            if choice not in valid:
+                raise ConfigError(f"unknown {key} '{choice}'; valid: {', '.join(valid)}")
+
+
+def compose(overrides: Sequence[str] = (), *, with_hydra: bool = False) -> DictConfig:
+    """Compose `conf/train.yaml` with Hydra overrides (`schedule=sqrt`, `decode.steps=12`)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides)
+    _check_group_choices(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+            cfg = hydra_compose(ROOT_CONFIG, overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        message = " ".join(str(err).split())
+        raise ConfigError(message) from err
+    finally:
+        GlobalHydra.instance().clear()
+    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    OmegaConf.set_struct(cfg, False)
+    if not with_hydra:
+        del cfg["hydra"]
+    cfg["overrides"] = overrides
+    cfg["choices"] = {k: v for k, v in choices.items() if not k.startswith("hydra")}
+    return cfg
+
+
+def absolutize_paths(cfg: DictConfig) -> None:
+    """Turn `paths.home` into an absolute path so every interpolation below it is absolute."""
+    cfg.paths.home = str(Path(cfg.paths.home).expanduser().resolve())
+
+
+def section_hash(*sections: Any, length: int = 12) -> str:
+    """A stable short hash of resolved config sections (the cache key of a trained stage)."""
+    plain = [OmegaConf.to_container(s, resolve=True) if isinstance(s, DictConfig) else s for s in sections]
+    blob = json.dumps(plain, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
+    """`{'a': {'b': 1}}` -> `{'a.b': 1}` (for MLflow params and sweep tables)."""
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def without(cfg: DictConfig, keys: Iterable[str]) -> DictConfig:
+    """A copy of `cfg` without some top-level keys."""
+    copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    for key in keys:
+        copy.pop(key, None)
+    return copy

@@ -1,0 +1,112 @@
+"""What MaskGIT and MAGE LightningModules share: the frozen tokenizer, token batches, generation.
+
+A stage-2 module models token grids. It accepts either token batches (pre-tokenized shards, the fast
+path) or image batches, which it tokenizes on the fly with its frozen tokenizer. The tokenizer's
+weights are part of the stage-2 checkpoint, so a checkpoint alone is enough to generate images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_mim.tokens import TokenLayout
+
+MASKED_CELL_GREY = 0.5  # how still-masked latent cells are painted in decoding-progression pictures
+
+
+class Stage2Module(pl.LightningModule):
+    """Base class: subclasses implement `logits_fn(labels)` and the training losses."""
+
+    def __init__(self, *, tokenizer: dict[str, Any], num_classes: int, image_size: int) -> None:
+        super().__init__()
+        from lightning_mim.checkpoints.vqgan import build_vqgan, load_vqgan
+
+        ckpt = tokenizer.get("ckpt")
+        if ckpt and Path(ckpt).is_file():
+            self.tokenizer = load_vqgan(ckpt)
+        else:  # rebuilt from the architecture; weights come from the stage-2 checkpoint's state dict
+            self.tokenizer = build_vqgan(tokenizer["arch"])
+        self.tokenizer.requires_grad_(False).eval()
+        self.num_classes = int(num_classes)
+        self.image_size = int(image_size)
+        factor = self.tokenizer.downsample_factor
+        if self.image_size % factor:
+            raise ValueError(f"image_size {image_size} is not a multiple of the tokenizer's downsampling {factor}")
+        self.grid = (self.image_size // factor, self.image_size // factor)
+        self.n_tokens = self.grid[0] * self.grid[1]
+        # Unconditional models still get one class slot: position 0 needs an id.
+        self.layout = TokenLayout(self.tokenizer.codebook_size, max(1, self.num_classes))
+
+    # -- tokenizer -------------------------------------------------------------------------------
+    def train(self, mode: bool = True):  # the tokenizer stays in eval mode (no BN/dropout updates)
+        super().train(mode)
+        self.tokenizer.eval()
+        return self
+
+    @torch.no_grad()
+    def to_tokens(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """(images or tokens, labels) -> ((B, N) int64 tokens, labels)."""
+        data, labels = batch
+        if data.is_floating_point():  # images in [0, 1]: tokenize with the frozen tokenizer
+            data = self.tokenizer.encode_to_indices(data)
+        return data.reshape(data.shape[0], -1).long(), labels.long()
+
+    @torch.no_grad()
+    def tokens_to_images(self, tokens: Tensor) -> Tensor:
+        """(B, N) codes -> (B, 3, H, W) images in [0, 1]; mask ids are painted grey."""
+        masked = tokens >= self.layout.codebook_size
+        codes = tokens.masked_fill(masked, 0).view(-1, *self.grid)
+        images = self.tokenizer.decode_indices(codes).clamp(0, 1)
+        if masked.any():
+            cell = masked.view(-1, 1, *self.grid).float()
+            cell = torch.nn.functional.interpolate(cell, size=images.shape[-2:], mode="nearest")
+            images = images * (1 - cell) + MASKED_CELL_GREY * cell
+        return images
+
+    # -- generation --------------------------------------------------------------------------------
+    @property
+    def decode_settings(self) -> dict[str, Any]:
+        return dict(self.hparams.get("decode") or {})
+
+    def default_labels(self, num_samples: int) -> Tensor | None:
+        """Class-balanced labels (0, 1, ..., C-1, 0, ...) or None when unconditional."""
+        if self.num_classes == 0:
+            return None
+        return torch.arange(num_samples, device=self.device) % self.num_classes
+
+    def generate_tokens(self, labels: Tensor | None, num_samples: int, generator=None, return_steps=False, **overrides):
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def generate(
+        self,
+        labels: Tensor | None = None,
+        num_samples: int | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        return_steps: bool = False,
+        **decode_overrides: Any,
+    ):
+        """Sample images (B, 3, H, W) in [0, 1]; with `return_steps`, also one image per decoding step."""
+        if labels is None and num_samples is None:
+            raise ValueError("give labels or num_samples")
+        if labels is not None:
+            num_samples = len(labels)
+            labels = labels.to(self.device)
+        elif self.num_classes:
+            labels = self.default_labels(num_samples)
+        was_training = self.training
+        self.eval()
+        try:
+            out = self.generate_tokens(labels, num_samples, generator, return_steps, **decode_overrides)
+        finally:
+            self.train(was_training)
+        if not return_steps:
+            return self.tokens_to_images(out)
+        tokens, steps = out
+        return self.tokens_to_images(tokens), [self.tokens_to_images(s) for s in steps]

@@ -1,0 +1,77 @@
+"""Optimiser and learning-rate schedule recipes of the papers, shared by every LightningModule.
+
+MaskGIT: Adam β=(0.9, 0.96), lr 1e-4, weight decay 0.045, linear warm-up then constant.
+MAGE:    AdamW β=(0.9, 0.95), lr = base_lr·batch/256, weight decay 0.05 without decay on biases and
+         norms, warm-up then half-cosine.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_norms_and_biases: bool) -> list[dict[str, Any]]:
+    """Split parameters so 1-D tensors (biases, norm scales) can skip weight decay (MAE/MAGE rule)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if decay_norms_and_biases:
+        return [{"params": params, "weight_decay": weight_decay}]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def effective_lr(lr: float | None, base_lr: float | None, global_batch: int) -> float:
+    """`lr` if given, else MAGE's linear scaling rule base_lr · global_batch / 256."""
+    if lr is not None:
+        return float(lr)
+    if base_lr is None:
+        raise ValueError("optim needs either lr or base_lr")
+    return float(base_lr) * global_batch / 256
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, schedule: str = "constant", min_ratio: float = 0.0):
+    """Multiplier of the peak lr at a step: linear warm-up, then constant or half-cosine to min_ratio."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule '{schedule}'; valid: {', '.join(LR_SCHEDULES)}")
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(
+    model: nn.Module,
+    *,
+    name: str = "adam",
+    lr: float | None = 1e-4,
+    base_lr: float | None = None,
+    global_batch: int = 256,
+    betas: Iterable[float] = (0.9, 0.96),
+    weight_decay: float = 0.045,
+    decay_norms_and_biases: bool = True,
+    warmup_steps: int = 0,
+    total_steps: int = 1,
+    schedule: str = "constant",
+    min_lr_ratio: float = 0.0,
+) -> dict[str, Any]:
+    """Lightning's `configure_optimizers` return value for one of the papers' recipes."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer '{name}'; valid: {', '.join(OPTIMIZERS)}")
+    peak = effective_lr(lr, base_lr, global_batch)
+    optimizer = OPTIMIZERS[name](param_groups(model, weight_decay, decay_norms_and_biases), lr=peak, betas=tuple(betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, total_steps, schedule, min_lr_ratio))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,66 @@
+"""MLflow plumbing that Lightning's MLFlowLogger leaves to us (see FIELD_NOTES.md "MLflow 3.x").
+
+- MLflow 3 refuses the `./mlruns` file store: the tracking URI (SQLite) and artifact location are
+  always explicit and absolute.
+- Concurrent processes creating one SQLite DB / experiment race: `ensure_experiment` is called once by
+  the driver before trials start, and again (idempotently) by each run.
+- The 3.17 UI opens experiments in its GenAI view; `runs_table_url` gives the link to the runs table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+EXPERIMENT_KIND_TAG = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def tracking_uri_for(home: str | Path) -> str:
+    return f"sqlite:///{Path(home).resolve()}/mlflow.db"
+
+
+def ensure_experiment(tracking_uri: str, name: str, artifact_location: str) -> str:
+    """Create (or find) the experiment; returns its id. Safe to call from several processes."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            Path(artifact_location).mkdir(parents=True, exist_ok=True)
+            experiment_id = client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_KIND_TAG)
+        except MlflowException:  # another process created it between our look-up and create
+            experiment_id = client.get_experiment_by_name(name).experiment_id
+    else:
+        experiment_id = experiment.experiment_id
+        if experiment.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND_TAG["mlflow.experimentKind"]:
+            for key, value in EXPERIMENT_KIND_TAG.items():
+                client.set_experiment_tag(experiment_id, key, value)
+    return experiment_id
+
+
+def mlflow_logger(cfg: DictConfig, parent_run_id: str | None = None, extra_tags: dict[str, Any] | None = None):
+    """Lightning MLFlowLogger for `cfg.logger`, with the experiment created first and run nesting."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    spec = OmegaConf.to_container(cfg.logger, resolve=True)
+    spec.pop("_target_")
+    Path(spec["artifact_location"]).mkdir(parents=True, exist_ok=True)
+    ensure_experiment(spec["tracking_uri"], spec["experiment_name"], spec["artifact_location"])
+    tags = dict(spec.pop("tags", None) or {})
+    tags.update(extra_tags or {})
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    return MLFlowLogger(tags=tags or None, **spec)
+
+
+def runs_table_url(experiment_id: str, host: str = "127.0.0.1", port: int = 5000) -> str:
+    """The URL that opens the classic runs table (not the GenAI view) in MLflow 3.17's UI."""
+    return f"http://{host}:{port}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def ui_command(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> str:
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host {host} --port {port}"
