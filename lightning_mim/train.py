@@ -22,7 +22,8 @@ from lightning_mim.config import ConfigError, absolutize_paths, compose, config_
 
 # Config keys that describe where/how a run is recorded, not what it computes.
 BOOKKEEPING_KEYS = ("paths", "run_name", "experiment_name", "ckpt_path", "logger", "overrides", "choices")
-PARENT_RUN_ENV = "LIGHTNING_MIM_PARENT_RUN_ID"
+PARENT_RUN_ENV = "LIGHTNING_MIM_PARENT_RUN_ID"  # set by the sweep: nest this run under its parent
+RUN_TAGS_ENV = "LIGHTNING_MIM_RUN_TAGS"  # JSON dict of extra MLflow tags (trial number, study)
 RESULT_FILE = "result.json"
 
 
@@ -115,7 +116,8 @@ def _build_logger(cfg: DictConfig):
     if spec._target_.endswith("MLFlowLogger"):
         from lightning_mim.tracking import mlflow_logger
 
-        return mlflow_logger(cfg, parent_run_id=os.environ.get(PARENT_RUN_ENV))
+        extra_tags = json.loads(os.environ.get(RUN_TAGS_ENV) or "{}")
+        return mlflow_logger(cfg, parent_run_id=os.environ.get(PARENT_RUN_ENV), extra_tags=extra_tags)
     return instantiate(spec, _convert_="all")
 
 

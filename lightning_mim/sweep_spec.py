@@ -1,0 +1,192 @@
+"""What a sweep is: axes, search spaces, fixed overrides, objective, budget — parsed from Hydra syntax.
+
+`schedule=cosine,linear decode.steps=4,8` is a grid (cartesian product, Optuna's GridSampler);
+`choice(a,b)`, `range(lo,hi[,step])`, `interval(lo,hi)` and `tag(log, interval(lo,hi))` are Optuna
+search spaces explored by TPE for `sweep.n_trials` trials; plain `key=value` overrides apply to every
+trial. `sweep=NAME` loads `sweeps/NAME.yaml`; `sweep.KEY=VALUE` sets one sweep option.
+Parsing uses Hydra's own override parser, so the grammar is exactly Hydra's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import optuna
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+
+from lightning_mim.config import ConfigError, sweeps_dir
+
+DIRECTIONS = ("minimize", "maximize")
+DEFAULT_INFERENCE_ONLY = ("decode.",)
+
+
+@dataclass
+class SweepSpec:
+    grid: dict[str, list[str]] = field(default_factory=dict)
+    search: dict[str, optuna.distributions.BaseDistribution] = field(default_factory=dict)
+    fixed: list[str] = field(default_factory=list)
+    name: str = "adhoc"
+    objective: str = "val/fid_domain"
+    direction: str = "minimize"
+    n_trials: int | None = None
+    seeds: int = 1
+    inference_only: list[str] = field(default_factory=lambda: list(DEFAULT_INFERENCE_ONLY))
+    storage: str | None = None
+    retries: int = 1
+    description: str = ""
+
+    @property
+    def is_grid(self) -> bool:
+        return not self.search
+
+    def grid_space(self) -> dict[str, list[str]]:
+        space = dict(self.grid)
+        if self.seeds > 1:
+            space["seed"] = [str(s) for s in range(self.seeds)]
+        return space
+
+    def grid_points(self) -> list[dict[str, str]]:
+        space = self.grid_space()
+        keys = sorted(space)
+        return [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
+
+    def total_trials(self) -> int:
+        if self.is_grid:
+            return len(self.grid_points())
+        if not self.n_trials:
+            raise ConfigError("search spaces (choice/range/interval) need sweep.n_trials=N")
+        return int(self.n_trials)
+
+    def is_inference_only(self, key: str) -> bool:
+        return any(key == p or (p.endswith(".") and key.startswith(p)) or key == p.rstrip(".") for p in self.inference_only)
+
+    def study_name(self) -> str:
+        """Derived from the spec, so rerunning the same command resumes the same study."""
+        blob = json.dumps(
+            {
+                "grid": self.grid_space(),
+                "search": {k: repr(v) for k, v in sorted(self.search.items())},
+                "fixed": sorted(self.fixed),
+                "objective": [self.objective, self.direction],
+                "n_trials": self.n_trials if self.search else None,
+            },
+            sort_keys=True,
+        )
+        return f"{self.name}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+    def trial_overrides(self, params: dict[str, Any]) -> list[str]:
+        return [*self.fixed, *(f"{k}={v}" for k, v in sorted(params.items()))]
+
+
+def _distribution(override) -> optuna.distributions.BaseDistribution:
+    value = override.value()
+    key = override.key_or_group
+    if isinstance(value, ChoiceSweep):
+        return optuna.distributions.CategoricalDistribution([str(v) for v in value.list])
+    if isinstance(value, RangeSweep):
+        start, stop, step = value.start, value.stop, value.step or 1
+        if all(float(x).is_integer() for x in (start, stop, step)):
+            return optuna.distributions.IntDistribution(int(start), int(stop) - int(step), step=int(step))
+        return optuna.distributions.CategoricalDistribution(list(override.sweep_string_iterator()))
+    if isinstance(value, IntervalSweep):
+        log = "log" in value.tags
+        if "int" in value.tags:
+            return optuna.distributions.IntDistribution(int(value.start), int(value.end), log=log)
+        return optuna.distributions.FloatDistribution(float(value.start), float(value.end), log=log)
+    raise ConfigError(f"unsupported sweep for {key}: {override.input_line}")
+
+
+def _apply_option(spec: SweepSpec, key: str, value: Any) -> None:
+    if key in ("objective", "name", "storage", "description"):
+        setattr(spec, key, str(value))
+    elif key == "direction":
+        if value not in DIRECTIONS:
+            raise ConfigError(f"unknown sweep.direction '{value}'; valid: {', '.join(DIRECTIONS)}")
+        spec.direction = value
+    elif key in ("n_trials", "seeds", "retries"):
+        setattr(spec, key, int(value))
+    elif key == "inference_only":
+        spec.inference_only = [str(v) for v in (value if isinstance(value, list) else str(value).split(","))]
+    else:
+        valid = "objective, direction, n_trials, seeds, retries, inference_only, storage, name"
+        raise ConfigError(f"unknown sweep option '{key}'; valid: {valid}")
+
+
+def named_sweeps() -> list[str]:
+    return sorted(p.stem for p in sweeps_dir().glob("*.yaml"))
+
+
+def load_named(name: str) -> dict[str, Any]:
+    path = sweeps_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown sweep '{name}'; valid: {', '.join(named_sweeps())}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def parse(args: Sequence[str]) -> SweepSpec:
+    """Build a SweepSpec from command-line overrides (and the named study they refer to)."""
+    spec = SweepSpec()
+    args = list(args)
+    named = [a for a in args if a.startswith("sweep=")]
+    lines: list[str] = []
+    if named:
+        study = load_named(named[-1].split("=", 1)[1])
+        spec.name = named[-1].split("=", 1)[1]
+        for key, value in (study.get("axes") or {}).items():
+            lines.append(f"{key}={value if isinstance(value, str) else ','.join(map(str, value))}")
+        lines += [str(o) for o in study.get("fixed") or []]
+        for key, value in (study.get("options") or {}).items():
+            _apply_option(spec, key, value)
+        if "objective" in study:
+            _apply_option(spec, "objective", study["objective"]["metric"])
+            _apply_option(spec, "direction", study["objective"].get("direction", "minimize"))
+        spec.description = study.get("description", "")
+    lines += [a for a in args if not a.startswith("sweep=")]
+    parser = OverridesParser.create()
+    try:
+        overrides = parser.parse_overrides(lines)
+    except Exception as err:  # Hydra's grammar errors are long; keep the first line
+        raise ConfigError(str(err).splitlines()[0]) from err
+    for override in overrides:
+        key = override.key_or_group
+        if key.startswith("sweep."):
+            _apply_option(spec, key.split(".", 1)[1], override.value())
+        elif not override.is_sweep_override():
+            spec.fixed = [f for f in spec.fixed if f.split("=", 1)[0] != key] + [override.input_line]
+            spec.grid.pop(key, None)
+            spec.search.pop(key, None)
+        elif override.value_type.name == "SIMPLE_CHOICE_SWEEP":
+            spec.grid[key] = [str(v) for v in override.sweep_string_iterator()]
+            spec.search.pop(key, None)
+        else:
+            spec.search[key] = _distribution(override)
+            spec.grid.pop(key, None)
+    return spec
+
+
+def search_space_for_tpe(spec: SweepSpec) -> dict[str, optuna.distributions.BaseDistribution]:
+    """Grid axes become categorical dimensions when any axis is a real search space."""
+    space = {k: optuna.distributions.CategoricalDistribution(v) for k, v in spec.grid_space().items()}
+    space.update(spec.search)
+    return space
+
+
+def write_spec(spec: SweepSpec, path: Path) -> None:
+    data = {
+        "name": spec.name,
+        "grid": spec.grid_space(),
+        "search": {k: repr(v) for k, v in spec.search.items()},
+        "fixed": spec.fixed,
+        "objective": spec.objective,
+        "direction": spec.direction,
+        "n_trials": spec.n_trials,
+        "inference_only": spec.inference_only,
+    }
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
