@@ -93,7 +93,10 @@ def _distribution(override) -> optuna.distributions.BaseDistribution:
     if isinstance(value, RangeSweep):
         start, stop, step = value.start, value.stop, value.step or 1
         if all(float(x).is_integer() for x in (start, stop, step)):
-            return optuna.distributions.IntDistribution(int(start), int(stop) - int(step), step=int(step))
+            values = list(range(int(start), int(stop), int(step)))  # Hydra's range excludes stop
+            if not values:
+                raise ConfigError(f"empty range for {key}: {override.input_line}")
+            return optuna.distributions.IntDistribution(values[0], values[-1], step=int(step))
         return optuna.distributions.CategoricalDistribution(list(override.sweep_string_iterator()))
     if isinstance(value, IntervalSweep):
         log = "log" in value.tags

@@ -24,13 +24,14 @@ class Stage2Module(pl.LightningModule):
 
     def __init__(self, *, tokenizer: dict[str, Any], num_classes: int, image_size: int) -> None:
         super().__init__()
-        from lightning_mim.checkpoints.vqgan import build_vqgan, load_vqgan
+        from lightning_mim.checkpoints.vqgan import load_vqgan
+        from lightning_mim.nn.vqgan import VQGAN
 
         ckpt = tokenizer.get("ckpt")
         if ckpt and Path(ckpt).is_file():
             self.tokenizer = load_vqgan(ckpt)
         else:  # rebuilt from the architecture; weights come from the stage-2 checkpoint's state dict
-            self.tokenizer = build_vqgan(tokenizer["arch"])
+            self.tokenizer = VQGAN(**tokenizer["arch"])
         self.tokenizer.requires_grad_(False).eval()
         self.num_classes = int(num_classes)
         self.image_size = int(image_size)

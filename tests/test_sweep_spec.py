@@ -1,0 +1,62 @@
+"""Sweep specs from Hydra override syntax: grids, search spaces, named studies."""
+
+import optuna
+import pytest
+
+from lightning_mim.config import ConfigError
+from lightning_mim.sweep_spec import parse
+
+
+def test_grid_is_cartesian_product():
+    spec = parse(["schedule=cosine,linear,sqrt", "decode.steps=4,8", "trainer.max_steps=10"])
+    assert spec.is_grid
+    points = spec.grid_points()
+    assert len(points) == 6
+    assert {p["schedule"] for p in points} == {"cosine", "linear", "sqrt"}
+    assert {p["decode.steps"] for p in points} == {"4", "8"}
+    assert spec.fixed == ["trainer.max_steps=10"]
+    assert len({tuple(sorted(p.items())) for p in points}) == 6
+
+
+def test_seeds_add_a_grid_axis():
+    spec = parse(["schedule=cosine,linear", "sweep.seeds=3"])
+    assert len(spec.grid_points()) == 6
+    assert {p["seed"] for p in spec.grid_points()} == {"0", "1", "2"}
+
+
+def test_search_spaces_map_to_optuna_distributions():
+    spec = parse(["model.optim.lr=tag(log,interval(1e-4,1e-2))", "decode.steps=range(4,13,4)",
+                  "schedule=choice(cosine,sqrt)", "sweep.n_trials=5"])
+    assert not spec.is_grid
+    lr = spec.search["model.optim.lr"]
+    assert isinstance(lr, optuna.distributions.FloatDistribution) and lr.log and lr.low == 1e-4
+    steps = spec.search["decode.steps"]
+    assert isinstance(steps, optuna.distributions.IntDistribution) and (steps.low, steps.high, steps.step) == (4, 12, 4)
+    assert spec.search["schedule"].choices == ("cosine", "sqrt")
+    assert spec.total_trials() == 5
+
+
+def test_search_space_without_budget_is_an_error():
+    with pytest.raises(ConfigError):
+        parse(["model.optim.lr=interval(1e-4,1e-2)"]).total_trials()
+
+
+def test_study_name_is_stable_and_spec_dependent():
+    a = parse(["schedule=cosine,linear"]).study_name()
+    assert a == parse(["schedule=cosine,linear"]).study_name()
+    assert a != parse(["schedule=cosine,sqrt"]).study_name()
+
+
+def test_named_sweep_and_inference_only_axes():
+    spec = parse(["sweep=steps"])
+    assert spec.grid["decode.steps"] == ["4", "6", "8", "10", "12", "16", "20", "32"]
+    assert spec.is_inference_only("decode.steps")
+    assert not spec.is_inference_only("schedule")
+    assert "experiment=digits_maskgit" in spec.fixed
+
+
+def test_unknown_named_sweep_and_option():
+    with pytest.raises(ConfigError, match="valid: .*schedules"):
+        parse(["sweep=nope"])
+    with pytest.raises(ConfigError, match="unknown sweep option"):
+        parse(["sweep.bogus=1"])
