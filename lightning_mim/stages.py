@@ -47,8 +47,13 @@ def is_stage2(cfg: DictConfig) -> bool:
 
 def prepare_stage_inputs(cfg: DictConfig) -> None:
     """Fill in what the run's model needs from earlier stages (today: the tokenizer checkpoint)."""
-    if is_stage2(cfg) and not cfg.tokenizer.get("ckpt"):
+    if not is_stage2(cfg):
+        return
+    ckpt = cfg.tokenizer.get("ckpt")
+    if not ckpt:
         cfg.tokenizer.ckpt = str(ensure_tokenizer(cfg))
+    elif not Path(str(ckpt)).expanduser().is_file():
+        raise FileNotFoundError(f"tokenizer.ckpt={ckpt}: no such checkpoint file")
 
 
 def tokenizer_run_config(cfg: DictConfig) -> DictConfig:

@@ -21,7 +21,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,6 +37,35 @@ from lightning_mim.sweep_spec import SweepSpec, named_sweeps, parse, search_spac
 from lightning_mim.tracking import ensure_experiment, runs_table_url, ui_command
 from lightning_mim.train import PARENT_RUN_ENV, RESULT_FILE, RUN_TAGS_ENV
 HEARTBEAT_SECONDS = 30
+
+
+# Failures that do not count as a try of the grid point.
+INTERRUPTED = "interrupted"
+DRIVER_DIED = "driver process died"
+STALE = None  # Optuna's stale-heartbeat failures carry no error attribute
+
+
+@contextmanager
+def _heartbeat(study: optuna.Study, trial: optuna.Trial):
+    """Record Optuna heartbeats while a trial runs (ask/tell has none of its own)."""
+    storage = study._storage
+    if not (hasattr(storage, "record_heartbeat") and storage.is_heartbeat_enabled()):
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            storage.record_heartbeat(trial._trial_id)
+            stop.wait(HEARTBEAT_SECONDS)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 class TrialFailed(RuntimeError):
@@ -118,38 +149,49 @@ class Sweep:
             sampler = optuna.samplers.GridSampler(self.spec.grid_space(), seed=0)
         else:
             sampler = optuna.samplers.TPESampler(seed=0)
-        return optuna.create_study(
-            study_name=self.study_name,
-            storage=self.storage(),
-            sampler=sampler,
-            direction=self.spec.direction,
-            load_if_exists=True,
-        )
+        for attempt in range(5):  # concurrent workers may race to create the same study
+            try:
+                return optuna.create_study(
+                    study_name=self.study_name,
+                    storage=self.storage(),
+                    sampler=sampler,
+                    direction=self.spec.direction,
+                    load_if_exists=True,
+                )
+            except optuna.exceptions.DuplicatedStudyError:
+                time.sleep(0.5 * (attempt + 1))
+        raise RuntimeError(f"could not create or load study {self.study_name}")
 
     def recover(self, study: optuna.Study) -> None:
-        """Redo trials of a dead driver on this host; enqueue retries of failed grid points."""
+        """Fail the trials of dead drivers and enqueue retries of failed points.
+
+        A RUNNING trial whose driver died is detected at once on this host (its pid is gone) and by
+        stale heartbeats elsewhere. Kills and Ctrl-C do not count as tries; a trial that raised is
+        retried `spec.retries` times in all.
+        """
         host = socket.gethostname()
-        trials = study.get_trials(deepcopy=False)
-        for trial in trials:
-            attrs = trial.user_attrs
-            if trial.state == TrialState.RUNNING and attrs.get("host") == host and not _pid_alive(int(attrs.get("pid", -1))):
-                study._storage.set_trial_user_attr(trial._trial_id, "error", "driver process died")
-                study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        trials = study.get_trials(deepcopy=False)
-        done = {json.dumps(t.params, sort_keys=True) for t in trials if t.state == TrialState.COMPLETE}
-        waiting = {json.dumps(t.params or t.system_attrs.get("fixed_params", {}), sort_keys=True) for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)}
-        attempts: dict[str, int] = {}
-        for trial in trials:
-            if trial.state == TrialState.FAIL:
-                key = json.dumps(trial.params, sort_keys=True)
-                if trial.user_attrs.get("error") != "driver process died":  # a kill does not count as a try
-                    attempts[key] = attempts.get(key, 0) + 1
-                else:
-                    attempts.setdefault(key, 0)
-        for key, count in attempts.items():
-            if key in done or key in waiting or count > self.spec.retries or not json.loads(key):
-                continue
-            study.enqueue_trial(json.loads(key), user_attrs={"retry": count + 1})
+        with file_lock(self.sweep_dir / "ask.lock"):
+            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                attrs = trial.user_attrs
+                if attrs.get("host") == host and not _pid_alive(int(attrs.get("pid", -1))):
+                    study._storage.set_trial_user_attr(trial._trial_id, "error", DRIVER_DIED)
+                    study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            optuna.storages.fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            taken = {
+                json.dumps(t.params or t.system_attrs.get("fixed_params", {}), sort_keys=True)
+                for t in trials
+                if t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING, TrialState.PRUNED)
+            }
+            tries: dict[str, int] = {}
+            for trial in trials:
+                if trial.state == TrialState.FAIL and trial.params:
+                    key = json.dumps(trial.params, sort_keys=True)
+                    counted = trial.user_attrs.get("error") not in (DRIVER_DIED, INTERRUPTED, STALE)
+                    tries[key] = tries.get(key, 0) + int(counted)
+            for key, count in tries.items():
+                if key not in taken and count <= self.spec.retries:
+                    study.enqueue_trial(json.loads(key), user_attrs={"retry": count})
 
     def remaining(self, study: optuna.Study) -> int:
         trials = study.get_trials(deepcopy=False)
@@ -261,6 +303,13 @@ class Sweep:
         client.set_terminated(run_id, status="FAILED")
 
     # -- driver -------------------------------------------------------------------------------------
+    def prepare(self) -> optuna.Study:
+        """Create the study, the MLflow experiment and the parent run (what a cluster driver does
+        once before starting workers)."""
+        study = self.study()
+        self.parent_run_id(study)
+        return study
+
     def run(self) -> list[optuna.trial.FrozenTrial]:
         study = self.study()
         self.recover(study)
@@ -275,28 +324,45 @@ class Sweep:
         return study.get_trials(deepcopy=False)
 
     def _optimize(self, study: optuna.Study, todo: int, total: int, parent: str | None) -> None:
+        """Ask/tell loop: a trial is asked under a file lock only while grid points remain, so
+        concurrent workers never create a duplicate; a heartbeat thread lets Optuna fail the trials of
+        a worker that died on another node."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         columns = [TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}")]
         with Progress(*columns, transient=False) as progress:
-            done_before = total - todo
-            task = progress.add_task("", total=total, completed=done_before)
-
-            def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-                state = trial.state.name.lower()
-                value = "" if trial.value is None else f" {self.spec.objective}={trial.value:.4g}"
-                progress.console.print(f"trial {trial.number} {state}{value} {trial.params}")
+            task = progress.add_task("", total=total, completed=total - todo)
+            while True:
+                with file_lock(self.sweep_dir / "ask.lock"):
+                    if self.remaining(study) == 0:
+                        break
+                    trial = study.ask()
+                    self._suggest(trial)  # params are stored now: other workers see the point as taken
+                progress.update(task, description=f"trial {trial.number} {trial.params}")
+                with _heartbeat(study, trial):
+                    state, value = self._run_trial(trial, parent)
+                study.tell(trial, value, state=state)
+                shown = "" if value is None else f" {self.spec.objective}={value:.4g}"
+                progress.console.print(f"trial {trial.number} {state.name.lower()}{shown} {trial.params}")
                 progress.advance(task)
-                if self.spec.is_grid and self.remaining(study) == 0:
-                    study.stop()
 
-            study.optimize(
-                lambda t: self.objective(t, parent),
-                n_trials=todo,
-                callbacks=[report],
-                catch=(Exception,),
-                gc_after_trial=True,
-            )
+    def _run_trial(self, trial: optuna.Trial, parent: str | None) -> tuple[TrialState, float | None]:
+        try:
+            return TrialState.COMPLETE, self.objective(trial, parent)
+        except optuna.TrialPruned:
+            return TrialState.PRUNED, None
+        except KeyboardInterrupt:
+            trial.set_user_attr("error", INTERRUPTED)
+            self._study_tell_failed(trial)
+            raise
+        except Exception as err:  # recorded, reported at the end; the sweep goes on
+            if "error" not in trial.user_attrs:
+                trial.set_user_attr("error", f"{type(err).__name__}: {err}"[-2000:])
+            return TrialState.FAIL, None
+
+    @staticmethod
+    def _study_tell_failed(trial: optuna.Trial) -> None:
+        trial.study.tell(trial, state=TrialState.FAIL)
 
     def _finish_parent(self, study: optuna.Study, parent: str) -> None:
         from mlflow.tracking import MlflowClient
@@ -360,7 +426,8 @@ HELP = """usage: python -m lightning_mim.sweep [sweep=NAME] [AXIS=a,b,c ...] [KE
   sweep.storage=URL                Optuna RDB storage (default sqlite:///<paths.home>/optuna.db;
                                    postgresql://... for workers on several nodes)
 
-Rerunning the same command resumes the study. Several workers may run the same command at once.
+Rerunning the same command resumes the study. Several workers may run the same command at once
+(on a cluster, run it once with --prepare-only first to create the study and the MLflow parent run).
 """
 
 
@@ -370,12 +437,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(HELP.format(names=", ".join(named_sweeps()) or "(none)"))
         return 0
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    prepare_only = "--prepare-only" in argv
+    argv = [a for a in argv if a != "--prepare-only"]
     try:
         spec = parse(argv)
         sweep = Sweep(spec)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if prepare_only:
+        sweep.prepare()
+        print(f"prepared study {sweep.study_name} in {sweep.storage_url}")
+        return 0
     start = time.time()
     try:
         trials = sweep.run()

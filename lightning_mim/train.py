@@ -20,8 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_mim.config import ConfigError, absolutize_paths, compose, config_groups, flatten, group_options
 
-# Config keys that describe where/how a run is recorded, not what it computes.
-BOOKKEEPING_KEYS = ("paths", "run_name", "experiment_name", "ckpt_path", "logger", "overrides", "choices")
+# Config keys that describe where/how a run is recorded, not what it computes (not logged as params;
+# `choices.*` — which option of each config group — is logged, e.g. `choices.ratio=trunc_gauss`).
+BOOKKEEPING_KEYS = ("paths", "run_name", "experiment_name", "ckpt_path", "logger", "overrides")
 PARENT_RUN_ENV = "LIGHTNING_MIM_PARENT_RUN_ID"  # set by the sweep: nest this run under its parent
 RUN_TAGS_ENV = "LIGHTNING_MIM_RUN_TAGS"  # JSON dict of extra MLflow tags (trial number, study)
 RESULT_FILE = "result.json"

@@ -7,6 +7,7 @@ weights are part of the stage-2 checkpoint, so a checkpoint alone is enough to g
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,11 @@ class Stage2Module(pl.LightningModule):
         ckpt = tokenizer.get("ckpt")
         if ckpt and Path(ckpt).is_file():
             self.tokenizer = load_vqgan(ckpt)
-        else:  # rebuilt from the architecture; weights come from the stage-2 checkpoint's state dict
+        else:
+            # Rebuilt from the architecture: when a stage-2 checkpoint is loaded, its state dict holds
+            # the tokenizer weights (train.py refuses to *train* with a missing tokenizer file).
+            if ckpt:
+                warnings.warn(f"tokenizer checkpoint {ckpt} not found; expecting its weights from the stage-2 checkpoint")
             self.tokenizer = VQGAN(**tokenizer["arch"])
         self.tokenizer.requires_grad_(False).eval()
         self.num_classes = int(num_classes)
@@ -111,3 +116,19 @@ class Stage2Module(pl.LightningModule):
             return self.tokens_to_images(out)
         tokens, steps = out
         return self.tokens_to_images(tokens), [self.tokens_to_images(s) for s in steps]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the tokenizer's real architecture, so the checkpoint rebuilds it even when the
+        config named another (e.g. `tokenizer.ckpt` pointing at the official f=16 weights)."""
+        hparams = checkpoint.get("hyper_parameters")
+        if isinstance(hparams, dict) and isinstance(hparams.get("tokenizer"), dict):
+            hparams["tokenizer"] = {**hparams["tokenizer"], "arch": _plain(self.tokenizer.config)}
+
+
+def _plain(value: Any) -> Any:
+    """Lists/dicts/scalars only, so `torch.load(weights_only=True)` can read the checkpoint."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

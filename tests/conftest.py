@@ -1,0 +1,73 @@
+"""Shared fixtures: one tiny trained tokenizer and one home directory per test session.
+
+End-to-end tests run the real entry points (`python -m lightning_mim.train`, `... .sweep`) in
+subprocesses on tiny budgets. They share a session home so the digits shards, the tiny tokenizer and
+the digits domain classifier are built once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Small enough that a stage-2 trial takes seconds on one CPU core.
+TINY_STAGE2 = [
+    "transformer.width=32",
+    "transformer.depth=1",
+    "transformer.heads=2",
+    "transformer.mlp_dim=64",
+    "trainer.max_steps=6",
+    "data.batches_per_epoch=3",
+    "data.val_batches=1",
+    "trainer.limit_val_batches=1",
+    "evaluation.num_samples=20",
+    "evaluation.batch_size=20",
+    "decode.steps=4",
+    "checkpoint_every_n_steps=3",
+]
+
+
+def run_module(module: str, args: list[str], home: Path, *, env: dict | None = None, timeout: int = 600, check: bool = True):
+    """Run `python -m module args` with LIGHTNING_MIM_HOME=home; returns the CompletedProcess."""
+    full_env = {**os.environ, "LIGHTNING_MIM_HOME": str(home), "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def session_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("lmim-home")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(session_home: Path) -> Path:
+    """A tiny tokenizer trained for a few steps through the real train entry point."""
+    out = session_home / "runs" / "tiny-tokenizer"
+    run_module(
+        "lightning_mim.train",
+        [
+            "experiment=digits_tokenizer",
+            "run_name=tiny-tokenizer",
+            "trainer.max_steps=4",
+            "data.batches_per_epoch=2",
+            "trainer.limit_val_batches=1",
+            "logger=csv",
+        ],
+        session_home,
+    )
+    result = json.loads((out / "result.json").read_text())
+    return Path(result["checkpoint"])
+
+
+@pytest.fixture(scope="session")
+def tiny_stage2_overrides(tiny_tokenizer: Path) -> list[str]:
+    return [*TINY_STAGE2, f"tokenizer.ckpt={tiny_tokenizer}"]

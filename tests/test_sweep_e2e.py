@@ -1,0 +1,170 @@
+"""`python -m lightning_mim.sweep` end to end on tiny budgets: Optuna trials, MLflow runs, resume,
+kills, concurrent workers, stage reuse, failures, and the notebook read back from MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import run_module
+
+pytestmark = pytest.mark.slow
+
+
+def _trials(home: Path):
+    storage = f"sqlite:///{home}/optuna.db"
+    summaries = optuna.study.get_all_study_summaries(storage)
+    assert len(summaries) == 1, [s.study_name for s in summaries]
+    study = optuna.load_study(study_name=summaries[0].study_name, storage=storage)
+    return study, study.get_trials(deepcopy=False)
+
+
+def _complete_params(trials):
+    return [json.dumps(t.params, sort_keys=True) for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def _child_runs(home: Path, parent_id: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(tmp_path_factory, tiny_stage2_overrides):
+    """A 2x2 sweep (schedule x seed), run once; other tests read its results."""
+    home = tmp_path_factory.mktemp("sweep-2x2")
+    args = ["schedule=cosine,sqrt", "seed=0,1", *tiny_stage2_overrides]
+    proc = run_module("lightning_mim.sweep", args, home)
+    return home, args, proc
+
+
+def test_grid_sweep_gives_complete_trials_and_nested_mlflow_runs(grid_sweep):
+    home, _, proc = grid_sweep
+    study, trials = _trials(home)
+    complete = _complete_params(trials)
+    assert len(trials) == 4 and len(complete) == 4 and len(set(complete)) == 4
+    children = _child_runs(home, study.user_attrs["mlflow_parent_run_id"])
+    assert len(children) == 4
+    assert {r.data.params["schedule.name"] for r in children} == {"cosine", "sqrt"}
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert all("val/fid_domain" in r.data.metrics and "val/cas" in r.data.metrics for r in children)
+    assert sorted(r.data.tags["optuna.trial_number"] for r in children) == ["0", "1", "2", "3"]
+    # the printed summary: table, MLflow UI command and the runs-table URL
+    assert "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
+    assert "workflowType=machine_learning" in proc.stdout
+
+
+def test_rerunning_the_same_sweep_runs_nothing(grid_sweep):
+    home, args, _ = grid_sweep
+    proc = run_module("lightning_mim.sweep", args, home)
+    assert "0 to run" in proc.stdout
+    _, trials = _trials(home)
+    assert len(trials) == 4
+
+
+def test_notebook_executes_against_the_sweep(grid_sweep, tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    home, _, _ = grid_sweep
+    notebook = nbformat.read(Path(__file__).parents[1] / "notebooks" / "ablations.ipynb", as_version=4)
+    figures = tmp_path / "figures"
+    os.environ.update(
+        LMIM_TRACKING_URI=f"sqlite:///{home}/mlflow.db", LMIM_EXPERIMENT="digits-maskgit", LMIM_FIGURES=str(figures)
+    )
+    try:
+        NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        for key in ("LMIM_TRACKING_URI", "LMIM_EXPERIMENT", "LMIM_FIGURES"):
+            os.environ.pop(key)
+    outputs = "".join(str(o.get("text", "")) for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+    assert "4 finished trial runs" in outputs
+    for name in ("steps_per_schedule", "metric_per_schedule", "schedules"):
+        assert (figures / f"{name}.png").stat().st_size > 1000
+
+
+def test_killed_sweep_resumes_with_only_the_missing_trials(tmp_path, tiny_stage2_overrides):
+    home = tmp_path
+    args = ["schedule=cosine,linear", "seed=0,1", *tiny_stage2_overrides]
+    env = {**os.environ, "LIGHTNING_MIM_HOME": str(home)}
+    proc = subprocess.Popen([sys.executable, "-m", "lightning_mim.sweep", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    first_done = None
+    while time.time() < deadline and first_done is None:
+        time.sleep(1)
+        if (home / "optuna.db").exists():
+            try:
+                _, trials = _trials(home)
+            except Exception:
+                continue
+            done = _complete_params(trials)
+            first_done = done[0] if done else None
+    assert first_done is not None, "the first trial never finished"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    run_module("lightning_mim.sweep", args, home)
+    _, trials = _trials(home)
+    complete = _complete_params(trials)
+    assert len(set(complete)) == 4 and len(complete) == 4, complete
+    assert Counter(complete)[first_done] == 1  # the finished trial was not redone
+
+
+def test_two_workers_split_the_grid_without_duplicates(tmp_path, tiny_stage2_overrides):
+    home = tmp_path
+    args = ["schedule=cosine,linear", "seed=0,1", *tiny_stage2_overrides]
+    env = {**os.environ, "LIGHTNING_MIM_HOME": str(home)}
+    # create the study, the MLflow DB and the experiment once, as a driver would on a cluster
+    run_module("lightning_mim.sweep", [*args, "--prepare-only"], home)
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "lightning_mim.sweep", *args], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), outputs
+    _, trials = _trials(home)
+    complete = _complete_params(trials)
+    assert len(complete) == 4 and len(set(complete)) == 4, complete
+    assert len(trials) == 4
+
+
+def test_inference_only_axis_trains_once(tmp_path, tiny_stage2_overrides):
+    home = tmp_path
+    overrides = [o for o in tiny_stage2_overrides if not o.startswith("decode.steps")]
+    run_module("lightning_mim.sweep", ["decode.steps=2,4,8", *overrides], home)
+    _, trials = _trials(home)
+    assert len(_complete_params(trials)) == 3
+    trained = list((home / "cache" / "stages").glob("maskgit-*/done.json"))
+    assert len(trained) == 1
+    train_logs = list((home / "sweeps").glob("*/trial-*/train.log"))
+    eval_logs = list((home / "sweeps").glob("*/trial-*/evaluate.log"))
+    assert len(train_logs) == 1 and len(eval_logs) == 2
+    fids = {t.params["decode.steps"]: t.user_attrs["metrics"]["val/fid_domain"] for t in trials}
+    assert len(set(fids.values())) == 3  # each T really evaluated
+
+
+def test_failing_trial_is_recorded_and_the_others_finish(tmp_path, tiny_stage2_overrides):
+    home = tmp_path
+    proc = run_module("lightning_mim.sweep", ["model.optim.lr=0.001,nan", *tiny_stage2_overrides], home)
+    study, trials = _trials(home)
+    states = {t.params["model.optim.lr"]: t.state for t in trials}
+    assert states["0.001"] == optuna.trial.TrialState.COMPLETE
+    assert states["nan"] == optuna.trial.TrialState.FAIL
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL][0]
+    assert "non-finite" in failed.user_attrs["error"]
+    assert "failed" in proc.stdout
+    children = _child_runs(home, study.user_attrs["mlflow_parent_run_id"])
+    status = {r.data.params["model.optim.lr"]: r.info.status for r in children}
+    assert status == {"0.001": "FINISHED", "nan": "FAILED"}
