@@ -228,7 +228,7 @@ class _ShardDataModule(pl.LightningDataModule):
             persistent_workers=self.persistent_workers,
         )
 
-    def _eval_dataloader(self, split: str) -> P.EvalBatches:
+    def _eval_dataloader(self, split: str, *, limit: int | None = None) -> P.EvalBatches:
         self._resolve()
         urls = self._shards[split]
         if not urls:
@@ -243,19 +243,31 @@ class _ShardDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             rank=rank,
             world_size=world_size,
-            limit=self.val_batches,
+            limit=limit,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
         )
 
     def val_dataloader(self) -> P.EvalBatches:
         """Exact pass over the val split: finite, deterministic, the same order every time."""
-        return self._eval_dataloader("val")
+        return self._eval_dataloader("val", limit=self.val_batches)
 
     def test_dataloader(self) -> P.EvalBatches:
         """The test split when there is one, else the val split."""
         self._resolve()
-        return self._eval_dataloader("test" if self._shards["test"] else "val")
+        return self._eval_dataloader("test" if self._shards["test"] else "val", limit=self.val_batches)
+
+    def exact_dataloader(self, split: str) -> P.EvalBatches:
+        """This rank's share of an exact, unaugmented pass over a whole split ("train", "val", "test").
+
+        Unlike `train_dataloader` (resampled, `batches_per_epoch` long) and `val_dataloader` (cut to
+        `val_batches`), it ignores the run's budget: cached artifacts derived from a split (the domain
+        classifier, FID reference statistics) must not depend on how long one run chose to train.
+        """
+        self._resolve()
+        if split == "test" and not self._shards["test"]:
+            split = "val"
+        return self._eval_dataloader(split)
 
 
 class ImageDataModule(_ShardDataModule):
