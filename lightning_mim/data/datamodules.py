@@ -228,12 +228,12 @@ class _ShardDataModule(pl.LightningDataModule):
             persistent_workers=self.persistent_workers,
         )
 
-    def _eval_dataloader(self, split: str, *, limit: int | None = None) -> P.EvalBatches:
+    def _eval_dataloader(self, split: str, *, limit: int | None = None, whole: bool = False) -> P.EvalBatches:
         self._resolve()
         urls = self._shards[split]
         if not urls:
             raise ValueError(f"{type(self).__name__} has no {split} shards (pass {split}_shards= or data_dir=)")
-        rank, world_size = self._dist()
+        rank, world_size = (0, 1) if whole else self._dist()
         counter = self._counter(split)
         return P.eval_loader(
             urls,
@@ -257,8 +257,9 @@ class _ShardDataModule(pl.LightningDataModule):
         self._resolve()
         return self._eval_dataloader("test" if self._shards["test"] else "val", limit=self.val_batches)
 
-    def exact_dataloader(self, split: str) -> P.EvalBatches:
-        """This rank's share of an exact, unaugmented pass over a whole split ("train", "val", "test").
+    def exact_dataloader(self, split: str, *, whole: bool = False) -> P.EvalBatches:
+        """This rank's share (or with `whole`, all) of an exact, unaugmented pass over a whole split
+        ("train", "val", "test").
 
         Unlike `train_dataloader` (resampled, `batches_per_epoch` long) and `val_dataloader` (cut to
         `val_batches`), it ignores the run's budget: cached artifacts derived from a split (the domain
@@ -267,7 +268,7 @@ class _ShardDataModule(pl.LightningDataModule):
         self._resolve()
         if split == "test" and not self._shards["test"]:
             split = "val"
-        return self._eval_dataloader(split)
+        return self._eval_dataloader(split, whole=whole)
 
 
 class ImageDataModule(_ShardDataModule):

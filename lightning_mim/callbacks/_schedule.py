@@ -1,0 +1,47 @@
+"""When an evaluation callback fires: every n epochs (at validation end) and/or every n optimizer steps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class EvalSchedule:
+    """`every_n_epochs` fires at the end of validation in epochs e with (e + 1) % n == 0 (epoch runs
+    end with validation; with `val_check_interval` it fires at each validation of such an epoch);
+    `every_n_steps` fires after the optimizer step that makes `global_step` a multiple of n (step-
+    budgeted runs need no validation for it). Either may be None. Never during the sanity check,
+    never twice for one global step.
+    """
+
+    def __init__(self, every_n_epochs: int | None = 1, every_n_steps: int | None = None) -> None:
+        for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+            if value is not None and int(value) < 1:
+                raise ValueError(f"{name} must be a positive integer or None, got {value}")
+        self.every_n_epochs = None if every_n_epochs is None else int(every_n_epochs)
+        self.every_n_steps = None if every_n_steps is None else int(every_n_steps)
+        self._last_step: int | None = None
+
+    def _claim(self, trainer: Any) -> bool:
+        if trainer.global_step == self._last_step:
+            return False
+        self._last_step = trainer.global_step
+        return True
+
+    def at_validation_end(self, trainer: Any) -> bool:
+        if getattr(trainer, "sanity_checking", False) or self.every_n_epochs is None:
+            return False
+        if (trainer.current_epoch + 1) % self.every_n_epochs:
+            return False
+        return self._claim(trainer)
+
+    def at_train_batch_end(self, trainer: Any) -> bool:
+        if self.every_n_steps is None or trainer.global_step == 0 or trainer.global_step % self.every_n_steps:
+            return False
+        return self._claim(trainer)
+
+
+def log_metrics(pl_module: Any, prefix: str, metrics: dict[str, float]) -> None:
+    """Log through `pl_module.log` (Lightning routes it to every logger). Values are already identical
+    on every rank; `sync_dist=True` keeps Lightning quiet and costs one tiny all-reduce."""
+    for key, value in metrics.items():
+        pl_module.log(f"{prefix}/{key}", float(value), sync_dist=True)

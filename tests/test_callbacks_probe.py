@@ -1,0 +1,69 @@
+"""LinearProbe inside Trainer runs: frozen features from `encode_features`, logged top-1 metrics."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_mim.callbacks import LinearProbe
+from lightning_mim.callbacks.linear_probe import encode_split
+from lightning_mim.eval.testing import FakeGenerator, SyntheticImageDataModule
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small CPU kernels on a shared 2-core machine run ~10x faster on one thread than on two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _trainer(tmp_path, callback, **kw) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kw,
+    )
+
+
+def test_probe_knn_fewshot_logged_during_fit_and_test(tmp_path):
+    callback = LinearProbe(fewshot_shots=[1, 5], knn_k=5)
+    trainer = _trainer(tmp_path, callback, max_epochs=1, limit_train_batches=1, num_sanity_val_steps=0)
+    module, dm = FakeGenerator(), SyntheticImageDataModule()
+    trainer.fit(module, datamodule=dm)
+    logged = trainer.callback_metrics
+    assert set(callback.last_metrics) == {"probe_top1", "knn_top1", "fewshot1_top1", "fewshot5_top1"}
+    # the fake's features (4x4-pooled pixels) separate the synthetic classes
+    assert float(logged["val/probe_top1"]) >= 0.9
+    assert float(logged["val/knn_top1"]) >= 0.9
+    assert 0.0 <= float(logged["val/fewshot1_top1"]) <= 1.0
+    trainer.test(module, datamodule=dm)
+    assert float(trainer.callback_metrics["test/probe_top1"]) >= 0.9
+
+
+def test_encode_split_caps_and_keeps_order():
+    module, dm = FakeGenerator(), SyntheticImageDataModule()
+    feats, labels = encode_split(module, dm.val_dataloader(), max_samples=40)
+    x, y = dm.data["val"]
+    assert feats.shape == (40, 48) and torch.equal(labels, y[:40])
+    assert torch.allclose(feats, module.encode_features(x[:40]))
+
+
+def test_module_without_encode_features_fails_at_setup(tmp_path):
+    class NoFeatures(FakeGenerator):
+        encode_features = None
+
+    with pytest.raises(TypeError, match="encode_features"):
+        _trainer(tmp_path, LinearProbe(), max_steps=1).fit(NoFeatures(), datamodule=SyntheticImageDataModule())
+
+
+def test_bad_optimizer_lists_valid():
+    with pytest.raises(ValueError, match="valid: \\['adam', 'sgd'\\]"):
+        LinearProbe(optimizer="lars")
