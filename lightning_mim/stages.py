@@ -10,35 +10,21 @@ a `done.json` written last marks the artifact complete.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import shutil
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from omegaconf import DictConfig
 
 from lightning_mim.config import compose, section_hash
+from lightning_mim.locks import file_lock
 
 DONE_FILE = "done.json"
 # Overrides of the stage-2 run that also shape the tokenizer it needs (and so enter its cache key).
 TOKENIZER_OVERRIDE_PREFIXES = ("data.", "tokenizer.", "trainer.accelerator", "trainer.devices", "trainer.precision")
 # Keys that do not change what a stage computes.
 NON_SEMANTIC_KEYS = ("paths", "run_name", "experiment_name", "ckpt_path", "logger", "overrides", "choices", "callbacks")
-
-
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock held across processes on one machine (and on most shared filesystems)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def is_stage2(cfg: DictConfig) -> bool:

@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +31,8 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from lightning_mim.config import ConfigError, absolutize_paths, compose
-from lightning_mim.stages import DONE_FILE, file_lock, stage_key
+from lightning_mim.locks import file_lock, pid_alive
+from lightning_mim.stages import DONE_FILE, stage_key
 from lightning_mim.sweep_spec import SweepSpec, named_sweeps, parse, search_space_for_tpe, write_spec
 from lightning_mim.tracking import ensure_experiment, runs_table_url, ui_command
 from lightning_mim.train import PARENT_RUN_ENV, RESULT_FILE, RUN_TAGS_ENV
@@ -47,25 +47,12 @@ STALE = None  # Optuna's stale-heartbeat failures carry no error attribute
 
 @contextmanager
 def _heartbeat(study: optuna.Study, trial: optuna.Trial):
-    """Record Optuna heartbeats while a trial runs (ask/tell has none of its own)."""
-    storage = study._storage
-    if not (hasattr(storage, "record_heartbeat") and storage.is_heartbeat_enabled()):
-        yield
-        return
-    stop = threading.Event()
+    """Record Optuna heartbeats while a trial runs: `study.optimize` does this itself, ask/tell does
+    not, so we start Optuna's own heartbeat thread (a no-op for storages without heartbeats)."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
 
-    def beat() -> None:
-        while not stop.is_set():
-            storage.record_heartbeat(trial._trial_id)
-            stop.wait(HEARTBEAT_SECONDS)
-
-    thread = threading.Thread(target=beat, daemon=True)
-    thread.start()
-    try:
+    with get_heartbeat_thread(trial._trial_id, study._storage):
         yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 class TrialFailed(RuntimeError):
@@ -96,16 +83,6 @@ def _run_process(args: list[str], log_path: Path, env: dict[str, str]) -> None:
     if code != 0:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
         raise TrialFailed(f"exit code {code}; last lines of {log_path}:\n" + "\n".join(tail))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # -- the sweep ------------------------------------------------------------------------------------
@@ -173,7 +150,7 @@ class Sweep:
         with file_lock(self.sweep_dir / "ask.lock"):
             for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 attrs = trial.user_attrs
-                if attrs.get("host") == host and not _pid_alive(int(attrs.get("pid", -1))):
+                if attrs.get("host") == host and not pid_alive(int(attrs.get("pid", -1))):
                     study._storage.set_trial_user_attr(trial._trial_id, "error", DRIVER_DIED)
                     study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
             optuna.storages.fail_stale_trials(study)

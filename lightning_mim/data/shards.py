@@ -40,6 +40,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from lightning_mim.locks import pid_alive
+
 MANIFEST = "manifest.json"
 FORMAT = "lightning-mim-shards"
 VERSION = 1
@@ -549,18 +551,8 @@ def _stale_tmp_dirs(parent: Path, name: str) -> Iterator[Path]:
         match = re.fullmatch(rf"{re.escape(_TMP_PREFIX + name)}-(.+)-(\d+)-[0-9a-f]{{8}}", path.name)
         if match is None:
             continue
-        if match.group(1) == host and not _pid_alive(int(match.group(2))):
+        if match.group(1) == host and not pid_alive(int(match.group(2))):
             yield path
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def build_dir_atomically(
