@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
@@ -53,6 +54,14 @@ def _heartbeat(study: optuna.Study, trial: optuna.Trial):
 
     with get_heartbeat_thread(trial._trial_id, study._storage):
         yield
+
+
+class _AskTellGridSampler(optuna.samplers.GridSampler):
+    """GridSampler whose `after_trial` does not call `study.stop()` (which raises outside
+    `study.optimize`); our loop stops by itself when no grid point is left."""
+
+    def after_trial(self, study, trial, state, values) -> None:  # noqa: D102
+        return None
 
 
 class TrialFailed(RuntimeError):
@@ -123,7 +132,7 @@ class Sweep:
 
     def study(self) -> optuna.Study:
         if self.spec.is_grid:
-            sampler = optuna.samplers.GridSampler(self.spec.grid_space(), seed=0)
+            sampler = _AskTellGridSampler(self.spec.grid_space(), seed=0)
         else:
             sampler = optuna.samplers.TPESampler(seed=0)
         for attempt in range(5):  # concurrent workers may race to create the same study
@@ -313,7 +322,9 @@ class Sweep:
                 with file_lock(self.sweep_dir / "ask.lock"):
                     if self.remaining(study) == 0:
                         break
-                    trial = study.ask()
+                    with warnings.catch_warnings():  # heartbeats under ask/tell: we run the thread
+                        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                        trial = study.ask()
                     self._suggest(trial)  # params are stored now: other workers see the point as taken
                 progress.update(task, description=f"trial {trial.number} {trial.params}")
                 with _heartbeat(study, trial):

@@ -85,7 +85,7 @@ def test_every_n_steps_without_validation(tmp_path):
     module = FakeGenerator()
     trainer = _trainer(tmp_path, [callback], max_steps=7, limit_val_batches=0)
     trainer.fit(module, datamodule=SyntheticImageDataModule())
-    assert len(module.generate_calls) == 2 * 2  # at steps 3 and 6, two batches each
+    assert len(module.generate_calls) == 3 * 2  # at steps 3 and 6 and the last step 7, two batches each
     assert "val/fid_domain" in trainer.callback_metrics
 
 
@@ -100,6 +100,18 @@ def test_metrics_do_not_live_on_the_module(tmp_path):
 
 def _fake_trainer(step: int, epoch: int = 0, sanity: bool = False):
     return SimpleNamespace(global_step=step, current_epoch=epoch, sanity_checking=sanity)
+
+
+def test_eval_schedule_fires_at_the_last_step_or_epoch():
+    s = EvalSchedule(every_n_epochs=None, every_n_steps=100)
+    last = SimpleNamespace(global_step=7, current_epoch=0, sanity_checking=False, max_steps=7, max_epochs=-1)
+    assert s.at_train_batch_end(last)
+    assert not s.at_train_batch_end(last)  # never twice for one step
+    s = EvalSchedule(every_n_epochs=5, every_n_steps=None)
+    final_epoch = SimpleNamespace(global_step=30, current_epoch=2, sanity_checking=False, max_steps=-1, max_epochs=3)
+    assert s.at_validation_end(final_epoch)
+    off = EvalSchedule(every_n_epochs=None, every_n_steps=100, at_end=False)
+    assert not off.at_train_batch_end(SimpleNamespace(global_step=7, current_epoch=0, sanity_checking=False, max_steps=7))
 
 
 def test_eval_schedule():

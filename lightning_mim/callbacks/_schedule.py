@@ -10,15 +10,17 @@ class EvalSchedule:
     end with validation; with `val_check_interval` it fires at each validation of such an epoch);
     `every_n_steps` fires after the optimizer step that makes `global_step` a multiple of n (step-
     budgeted runs need no validation for it). Either may be None. Never during the sanity check,
-    never twice for one global step.
+    never twice for one global step. `at_end` also fires at the run's last optimizer step
+    (`max_steps`) or last epoch (`max_epochs`), so every run ends with a measurement whatever its budget.
     """
 
-    def __init__(self, every_n_epochs: int | None = 1, every_n_steps: int | None = None) -> None:
+    def __init__(self, every_n_epochs: int | None = 1, every_n_steps: int | None = None, at_end: bool = True) -> None:
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
             if value is not None and int(value) < 1:
                 raise ValueError(f"{name} must be a positive integer or None, got {value}")
         self.every_n_epochs = None if every_n_epochs is None else int(every_n_epochs)
         self.every_n_steps = None if every_n_steps is None else int(every_n_steps)
+        self.at_end = bool(at_end)
         self._last_step: int | None = None
 
     def _claim(self, trainer: Any) -> bool:
@@ -28,16 +30,19 @@ class EvalSchedule:
         return True
 
     def at_validation_end(self, trainer: Any) -> bool:
-        if getattr(trainer, "sanity_checking", False) or self.every_n_epochs is None:
+        if getattr(trainer, "sanity_checking", False):
             return False
-        if (trainer.current_epoch + 1) % self.every_n_epochs:
-            return False
-        return self._claim(trainer)
+        max_epochs = getattr(trainer, "max_epochs", None) or -1
+        last_epoch = self.at_end and max_epochs > 0 and trainer.current_epoch + 1 >= max_epochs
+        due = self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        return (due or last_epoch) and self._claim(trainer)
 
     def at_train_batch_end(self, trainer: Any) -> bool:
-        if self.every_n_steps is None or trainer.global_step == 0 or trainer.global_step % self.every_n_steps:
-            return False
-        return self._claim(trainer)
+        step = trainer.global_step
+        max_steps = getattr(trainer, "max_steps", -1) or -1
+        last_step = self.at_end and max_steps > 0 and step >= max_steps
+        due = self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0
+        return (due or last_step) and self._claim(trainer)
 
 
 def log_metrics(pl_module: Any, prefix: str, metrics: dict[str, float]) -> None:

@@ -125,7 +125,7 @@ class Pictures(pl.Callback):
             if unknown:
                 raise ValueError(f"unknown picture kinds {unknown}; valid: {list(KINDS)} or 'auto'")
         self.kinds = kinds
-        self.schedule = EvalSchedule(every_n_epochs, every_n_steps)
+        self.schedule = EvalSchedule(every_n_epochs, every_n_steps, at_end=False)  # at_train_end covers the end
         self.at_train_end = bool(at_train_end)
         self.on_test = bool(on_test)
         self.out_dir = out_dir

@@ -1,0 +1,204 @@
+"""Per-rank seeding and a per-rank record of what each DDP process saw (a debugging aid).
+
+`PerRankSeed` re-seeds the global RNGs with `seed + global_rank` once the ranks exist (the rule of
+MAE/MAGE's `main_pretrain.py`). Without it every rank starts from the same `seed_everything(seed)`
+state, so all ranks draw the same masking ratios, mask positions, dropout masks and MAGE-C views at
+every step: the global batch then holds `world_size` copies of one random draw instead of
+independent ones. Rank 0 keeps `seed`, so a single-process run is unchanged. The weights are built
+before the ranks exist (identical everywhere; DDP broadcasts rank 0's anyway), and the data pipeline
+and the evaluation code seed themselves explicitly, so none of them depends on this.
+
+`RankDataRecorder` writes `out_dir/rank{global_rank}.json` on every rank: the rank layout and
+cluster environment Lightning detected, a short hash of every training and validation sample the rank
+consumed, its local training losses, an RNG fingerprint per step, and `trainer.callback_metrics` after
+each validation. Comparing the files answers "did the ranks see disjoint data?", "are the synced
+metrics identical?" and "did the ranks draw different masks?" without reading logs:
+
+    python -m lightning_mim.train trainer=ddp trainer.devices=2 \
+        +callbacks.rank_data._target_=lightning_mim.callbacks.rank_data.RankDataRecorder \
+        +callbacks.rank_data.out_dir=/tmp/rank-data
+
+It hashes every sample (a few µs per image): keep it out of production runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import socket
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def sample_hashes(data: Tensor) -> list[str]:
+    """A 16-hex-digit SHA-1 of each sample's bytes (dim 0 indexes samples): equal tensors, equal hashes."""
+    array = data.detach().to("cpu").contiguous().numpy()
+    return [hashlib.sha1(row.tobytes()).hexdigest()[:16] for row in array]
+
+
+def rng_fingerprint() -> str:
+    """A short hash of the CPU torch RNG state: equal on two ranks means they draw the same numbers."""
+    return hashlib.sha1(torch.random.get_rng_state().numpy().tobytes()).hexdigest()[:16]
+
+
+def _batch_data(batch: Any) -> Tensor | None:
+    """The sample tensor of a `(data, labels)` batch (images or tokens), or None for other shapes."""
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    return batch if isinstance(batch, Tensor) else None
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, Tensor) and value.numel() == 1:
+            out[key] = float(value)
+        elif isinstance(value, (int, float)):
+            out[key] = float(value)
+    return out
+
+
+class PerRankSeed(pl.Callback):
+    """Seed torch, numpy and `random` with `seed + global_rank` at the start of fit/validate/test."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = int(seed)
+        self.applied: int | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        seed = self.seed + int(trainer.global_rank)
+        torch.manual_seed(seed)  # also seeds every CUDA device
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        self.applied = seed
+
+
+class RankDataRecorder(pl.Callback):
+    """Writes `out_dir/rank{global_rank}.json` after every validation and at the end of fit.
+
+    Keys: `rank` (global_rank, local_rank, node_rank, world_size, num_nodes, num_devices, host, pid,
+    cluster_environment, backend), `train_batches` (per batch: step, sample hashes, labels),
+    `train_losses` (this rank's unsynced loss per batch), `rng` (RNG fingerprint per training batch),
+    `per_device_batch`, `accumulate_grad_batches`, `global_batch`, `lr` (first param group at the
+    start of training), `validations` (per validation: global_step, the sample hashes and labels this
+    rank evaluated, and `metrics` = `trainer.callback_metrics` as floats), `global_step` at the end.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, hash_samples: bool = True) -> None:
+        super().__init__()
+        self.out_dir = Path(out_dir)
+        self.hash_samples = bool(hash_samples)
+        self.record: dict[str, Any] = {}
+        self._val: dict[str, list] = {"samples": [], "labels": []}
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _describe(self, trainer: pl.Trainer) -> dict[str, Any]:
+        strategy = trainer.strategy
+        env = getattr(strategy, "cluster_environment", None)
+        backend = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            backend = str(torch.distributed.get_backend())
+        return {
+            "global_rank": int(trainer.global_rank),
+            "local_rank": int(trainer.local_rank),
+            "node_rank": int(trainer.node_rank),
+            "world_size": int(trainer.world_size),
+            "num_nodes": int(trainer.num_nodes),
+            "num_devices": int(trainer.num_devices),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "cluster_environment": type(env).__name__ if env is not None else None,
+            "strategy": type(strategy).__name__,
+            "backend": backend,
+        }
+
+    def _batch_entry(self, batch: Any, **extra: Any) -> dict[str, Any]:
+        entry: dict[str, Any] = dict(extra)
+        data = _batch_data(batch)
+        if data is not None:
+            entry["size"] = int(data.shape[0])
+            if self.hash_samples:
+                entry["samples"] = sample_hashes(data)
+        if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], Tensor):
+            entry["labels"] = [int(v) for v in batch[1].detach().cpu().reshape(-1)]
+        return entry
+
+    def _write(self) -> None:
+        rank = self.record.get("rank", {}).get("global_rank", 0)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"rank{rank}.json"
+        tmp = path.with_suffix(f".json.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.record, indent=1))
+        os.replace(tmp, path)  # readers never see a half-written file
+
+    # -- hooks ---------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.record = {
+            "rank": self._describe(trainer),
+            "stage": stage,
+            "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
+            "train_batches": [],
+            "train_losses": [],
+            "rng": [],
+            "validations": [],
+        }
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.optimizers:
+            self.record["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
+            # `initial_lr` is the schedule's peak (LambdaLR scales it): the value the scaling rule sets
+            self.record["peak_lr"] = float(trainer.optimizers[0].param_groups[0].get("initial_lr", self.record["lr"]))
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        entry = self._batch_entry(batch, step=int(trainer.global_step), epoch=int(trainer.current_epoch))
+        self.record["train_batches"].append(entry)
+        self.record["rng"].append(rng_fingerprint())
+        if "per_device_batch" not in self.record and "size" in entry:
+            per_device = entry["size"]
+            self.record["per_device_batch"] = per_device
+            self.record["global_batch"] = per_device * int(trainer.world_size) * int(trainer.accumulate_grad_batches)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, Tensor) and loss.numel() == 1:
+            self.record["train_losses"].append(float(loss.detach()))
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val = {"samples": [], "labels": []}
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        entry = self._batch_entry(batch)
+        self._val["samples"] += entry.get("samples", [])
+        self._val["labels"] += entry.get("labels", [])
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.record["validations"].append(
+            {
+                "global_step": int(trainer.global_step),
+                "epoch": int(trainer.current_epoch),
+                **self._val,
+                "metrics": _scalars(dict(trainer.callback_metrics)),
+            }
+        )
+        self._write()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.record["global_step"] = int(trainer.global_step)
+        self.record["final_metrics"] = _scalars(dict(trainer.callback_metrics))
+        self._write()
