@@ -392,13 +392,14 @@ def print_summary(sweep: Sweep, trials: list[optuna.trial.FrozenTrial]) -> None:
         row.append(trial.state.name)
         table.add_row(*row)
     console.print(table)
+    # plain prints: commands and URLs must stay on one line to be copy-pasted (rich wraps them)
     failed = [t for t in finished if t.state == TrialState.FAIL]
     for trial in failed:
-        console.print(f"[red]trial {trial.number} failed[/red] {trial.params}: {trial.user_attrs.get('error', '?').splitlines()[0]}")
+        print(f"trial {trial.number} failed {trial.params}: {(trial.user_attrs.get('error') or '?').splitlines()[0]}")
     if sweep.tracking_uri:
-        console.print(f"MLflow UI:  {ui_command(sweep.tracking_uri)}")
-        console.print(f"runs table: {runs_table_url(sweep.experiment_id)}")
-    console.print(f"study: {sweep.study_name} in {sweep.storage_url} (rerun the same command to resume)")
+        print(f"MLflow UI:  {ui_command(sweep.tracking_uri)}")
+        print(f"runs table: {runs_table_url(sweep.experiment_id)}")
+    print(f"study: {sweep.study_name} in {sweep.storage_url} (rerun the same command to resume)")
 
 
 HELP = """usage: python -m lightning_mim.sweep [sweep=NAME] [AXIS=a,b,c ...] [KEY=VALUE ...] [sweep.OPTION=VALUE ...]

@@ -46,7 +46,15 @@ class EvalSchedule:
 
 
 def log_metrics(pl_module: Any, prefix: str, metrics: dict[str, float]) -> None:
-    """Log through `pl_module.log` (Lightning routes it to every logger). Values are already identical
-    on every rank; `sync_dist=True` keeps Lightning quiet and costs one tiny all-reduce."""
-    for key, value in metrics.items():
-        pl_module.log(f"{prefix}/{key}", float(value), sync_dist=True)
+    """Log through `pl_module.log` (callback_metrics, progress bar, checkpoint monitors). Values are
+    already identical on every rank; `sync_dist=True` keeps Lightning quiet and costs one tiny
+    all-reduce. Outside validation/test, `self.log` reaches the loggers only every
+    `log_every_n_steps`, so an evaluation at another step (e.g. the last) is also written to the
+    loggers directly (they are rank-zero-only)."""
+    named = {f"{prefix}/{key}": float(value) for key, value in metrics.items()}
+    for key, value in named.items():
+        pl_module.log(key, value, sync_dist=True)
+    trainer = getattr(pl_module, "_trainer", None)
+    if trainer is not None and not (trainer.validating or trainer.testing or trainer.sanity_checking):
+        for logger in trainer.loggers:
+            logger.log_metrics(named, step=trainer.global_step)

@@ -1,0 +1,328 @@
+"""MAGE and MAGE-C stage 2: masked token modelling with token drop, optional contrastive co-training.
+
+Composes `nn.mage.MAGE` (encoder-decoder), the ratio distributions and masks of `masking.py`, the
+losses of `losses.py` (`masked_token_loss`, `info_nce`) and `decoding.decode`; it implements none of
+them. PAPERS.md "MAGE" / "MAGE-C" is the spec.
+
+One training step (MAGE):
+    tokens (B, N)                      frozen tokenizer on the fly, or token shards
+    ratio  ~ ratio distribution        one per step (TruncGaussRatio, per_sample=False)
+    ranks  = rank_noise(B, N)          ONE random ranking per sample ...
+    mask   = ranks < ceil(ratio·N)     ... gives the masked tokens (replaced by the mask id)
+    drop   = ranks < n_drop            ... and the dropped ones: dropped ⊆ masked by construction
+    loss   = label-smoothed CE over the K codebook logits on masked positions (`token_mean`)
+
+Drop count: n_drop = min(ceil(drop_ratio·N), smallest masked count in the batch). Official MAGE ties
+the drop count to the lowest masking ratio it can draw (0.5), so it never exceeds the masked count;
+our ratio group is free (e.g. `ratio=fixed ratio.value=0.3` with drop 0.5), and then we CLAMP: every
+masked token is dropped and the encoder sees only visible tokens (MAE-style), instead of failing.
+The count is shared by the batch because the encoder input must be rectangular.
+
+MAGE-C (`contrastive=True`): the batch must hold images. Two views per image are made here with
+torchvision v2 RandomResizedCrop + horizontal flip, per sample; both views go through the
+tokenizer and the model as one 2B batch (independent masks, one ratio per step). The encoder output
+of the kept image tokens (class slot excluded) is averaged, projected by `ProjectionHead`, and
+InfoNCE (`losses.info_nce`) runs over the views of ALL ranks: loss = rec + λ·con.
+
+Token layout: unconditional (`num_classes` 0 for the base class) but with `class_slots` slots so the
+fake class id has a home: codes 0..K-1, class slots K..K+S-1, mask id K+S. Official: S = 1000,
+fake id 1100 (vocab 2025, loads the official checkpoints); digits: S = 1, fake id K.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from hydra.utils import instantiate
+from torch import Tensor, nn
+from torchvision.transforms import v2
+
+from lightning_mim.decoding import decode
+from lightning_mim.losses import info_nce, masked_token_loss
+from lightning_mim.masking import mask_from_ranks, num_masked, rank_noise
+from lightning_mim.modules.stage2 import Stage2Module
+from lightning_mim.nn.heads import ProjectionHead
+from lightning_mim.nn.mage import MAGE
+from lightning_mim.optim import build_optimizer
+from lightning_mim.tokens import TokenLayout
+
+VAL_SEED = 1234  # validation masks come from a fixed generator: val/loss is comparable across steps
+# Keys of `arch` the module sets itself (from the tokenizer, the grid and its own arguments).
+DERIVED_ARCH_KEYS = ("vocab_size", "n_positions", "codebook_size", "fake_class_id", "drop_ratio")
+# MAGE-C view augmentation: torchvision RandomResizedCrop defaults + MAGE's scale range and a flip.
+DEFAULT_VIEWS: dict[str, Any] = {"scale": (0.2, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": True}
+# MAGE's generation defaults (gen_img_uncond.py: --num_iter 20 --temp 6.0, cosine), used for keys
+# the `decode` config does not set.
+DECODE_DEFAULTS: dict[str, Any] = {"steps": 20, "choice_temperature": 6.0, "schedule": "cosine", "temperature": 1.0}
+
+
+def mage_masks(
+    ratio: Tensor, n_tokens: int, drop_ratio: float, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """(mask, drop), both (B, N) bool, from ONE noise ranking per sample, so drop ⊆ mask.
+
+    ratio (B,): masking ratio per sample -> ceil(ratio·N) masked. Dropped: the
+    min(ceil(drop_ratio·N), min_b masked_b) lowest ranks (clamped: see the module docstring).
+    """
+    n_mask = num_masked(ratio, n_tokens)  # (B,)
+    n_drop = min(int(num_masked(drop_ratio, n_tokens)), int(n_mask.min()))
+    ranks = rank_noise(ratio.shape[0], n_tokens, generator, ratio.device)
+    return mask_from_ranks(ranks, n_mask), mask_from_ranks(ranks, n_drop)
+
+
+def gathered_info_nce(
+    z1: Tensor, z2: Tensor, temperature: float, gather: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """InfoNCE over the views of every rank: `info_nce(gather(z1), gather(z2))`.
+
+    `gather` maps this rank's (B, D) to all ranks' (W·B, D) in rank order, keeping gradients
+    (Lightning's `all_gather(..., sync_grads=True)`); the two views stay aligned (row i of both is
+    the same image). Every rank computes the same global loss, so each rank's anchors meet all
+    ranks' samples. Gradients are exact: the gather's backward SUMS the W ranks' gradients into each
+    rank's own rows (W·dL/dz_r), and DDP then AVERAGES parameter gradients over the W ranks, giving
+    dL/dθ. The cost is a (2WB)² similarity matrix per rank (8192² at MAGE's 4096 batch: ~0.3 GB fp32).
+    """
+    if gather is not None:
+        z1, z2 = gather(z1), gather(z2)
+    return info_nce(z1, z2, temperature=temperature)
+
+
+def view_transform(image_size: int, views: dict[str, Any]) -> v2.Compose:
+    """Per-image MAGE-C view augmentation on (3, H, W) float tensors in [0, 1]."""
+    unknown = set(views) - set(DEFAULT_VIEWS)
+    if unknown:
+        raise ValueError(f"unknown views option(s) {sorted(unknown)}; valid: {', '.join(DEFAULT_VIEWS)}")
+    opts = {**DEFAULT_VIEWS, **views}
+    scale, ratio = tuple(float(s) for s in opts["scale"]), tuple(float(r) for r in opts["ratio"])
+    if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+        raise ValueError(f"views.scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(scale)}")
+    if not (len(ratio) == 2 and 0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"views.ratio must be [lo, hi] with 0 < lo <= hi, got {list(ratio)}")
+    # Bilinear (with antialias) as MAGE's main_pretrain: stays inside [0, 1], unlike bicubic.
+    steps: list[nn.Module] = [
+        v2.RandomResizedCrop(image_size, scale=scale, ratio=ratio, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    ]
+    if opts["hflip"]:
+        steps.append(v2.RandomHorizontalFlip(0.5))
+    return v2.Compose(steps)
+
+
+class MAGEModule(Stage2Module):
+    """MAGE (and MAGE-C with `contrastive=True`) pre-training, generation and features.
+
+    arch: `nn.mage.MAGE` size keys (enc_width, enc_depth, enc_heads, dec_width, dec_depth,
+        dec_heads, mlp_ratio, dropout, pad_with, attn_fp32); the vocabulary, positions, fake class
+        and drop ratio are derived here.
+    class_slots / fake_class_id: vocabulary layout (see module docstring); fake id default = K.
+    drop_ratio: fraction of the N tokens dropped from the encoder input (MAGE 0.5).
+    loss_reduction: `token_mean` (MAGE) or `per_sample_mean` (MaskGIT), see `losses.masked_token_loss`.
+    feature_norm: `plain` (official linear probe) | `encoder`, see `MAGE.encode_features`.
+    contrastive, contrastive_weight (λ), contrastive_temperature (τ), projection {hidden, out}, views
+        {scale, ratio, hflip}: MAGE-C. The projection head exists only when contrastive.
+    optim: `build_optimizer` keys; `base_lr` is scaled by the global batch (per-device batch ×
+        devices × nodes × accumulation, from the trainer unless `global_batch` is given; MAGE-C counts
+        images, not views); `warmup_epochs` is converted to steps with the trainer's epoch length.
+    """
+
+    def __init__(
+        self,
+        *,
+        arch: dict[str, Any],
+        tokenizer: dict[str, Any],
+        ratio: dict[str, Any],
+        decode: dict[str, Any],
+        optim: dict[str, Any],
+        image_size: int,
+        class_slots: int = 1,
+        fake_class_id: int | None = None,
+        drop_ratio: float = 0.5,
+        label_smoothing: float = 0.1,
+        loss_reduction: str = "token_mean",
+        feature_norm: str = "plain",
+        contrastive: bool = False,
+        contrastive_weight: float = 0.1,
+        contrastive_temperature: float = 0.2,
+        projection: dict[str, int] | None = None,
+        views: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(tokenizer=tokenizer, num_classes=0, image_size=image_size)
+        self.save_hyperparameters(logger=False)
+        if int(class_slots) < 1:
+            raise ValueError(f"class_slots must be >= 1 (position 0 needs the fake class id), got {class_slots}")
+        # Unconditional generation (num_classes 0), but the vocabulary may keep the official 1000 slots.
+        self.layout = TokenLayout(self.tokenizer.codebook_size, int(class_slots))
+        clash = sorted(set(arch) & set(DERIVED_ARCH_KEYS))
+        if clash:
+            raise ValueError(f"arch must not set {clash}: they follow from the tokenizer, the grid and the module's arguments")
+        if arch.get("input_mode", "tokens") != "tokens":
+            raise ValueError("MAGEModule trains on token ids only (arch.input_mode='tokens')")
+        fake = self.layout.codebook_size if fake_class_id is None else int(fake_class_id)
+        self.mage = MAGE(
+            vocab_size=self.layout.vocab_size,
+            n_positions=self.n_tokens + 1,
+            codebook_size=self.layout.codebook_size,
+            fake_class_id=fake,
+            drop_ratio=float(drop_ratio),
+            **arch,
+        )
+        needs_n = "n_tokens" in ratio and ratio["n_tokens"] is None
+        self.ratio_sampler = instantiate(ratio, **({"n_tokens": self.n_tokens} if needs_n else {}))
+        if contrastive:
+            if contrastive_weight < 0:
+                raise ValueError(f"contrastive_weight must be >= 0, got {contrastive_weight}")
+            if contrastive_temperature <= 0:
+                raise ValueError(f"contrastive_temperature must be > 0, got {contrastive_temperature}")
+            proj = {"hidden": 2048, "out": 256, **(projection or {})}
+            unknown = set(proj) - {"hidden", "out"}
+            if unknown:
+                raise ValueError(f"unknown projection option(s) {sorted(unknown)}; valid: hidden, out")
+            self.projection = ProjectionHead(self.mage.norm.normalized_shape[0], int(proj["hidden"]), int(proj["out"]))
+            self.views = view_transform(self.image_size, dict(views or {}))
+        else:  # no head at all: DDP needs no find_unused_parameters
+            self.projection = None
+            self.views = None
+
+    # -- masking and the reconstruction loss ----------------------------------------------------------
+    def sample_masks(self, batch: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """(mask, drop) (B, N) bool for one step: one ratio from the distribution, drop ⊆ mask."""
+        ratio = self.ratio_sampler(batch, generator, self.device)
+        return mage_masks(ratio, self.n_tokens, self.hparams.drop_ratio, generator)
+
+    def reconstruction(self, tokens: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Mask, drop, predict: {"loss", "accuracy" (on masked tokens), "mask", "drop", "encoder_output"}."""
+        mask, drop = self.sample_masks(tokens.shape[0], generator)
+        logits, inter = self.mage(tokens, mask, drop, return_intermediates=True)
+        loss = masked_token_loss(
+            logits, tokens, mask, label_smoothing=self.hparams.label_smoothing, reduction=self.hparams.loss_reduction
+        )
+        accuracy = (logits.argmax(-1) == tokens)[mask].float().mean()
+        return {"loss": loss, "accuracy": accuracy, "mask": mask, "drop": drop, "encoder_output": inter["encoder_output"]}
+
+    # -- MAGE-C ------------------------------------------------------------------------------------------
+    def make_views(self, images: Tensor) -> Tensor:
+        """One random augmented view per image (B, 3, S, S), drawn independently per sample."""
+        if self.views is None:
+            raise RuntimeError("make_views needs contrastive=True")
+        return torch.stack([self.views(image) for image in images])
+
+    def project(self, encoder_output: Tensor) -> Tensor:
+        """(B, 1 + kept, D) encoder output -> (B, out): mean over the kept image tokens, then the head."""
+        return self.projection(encoder_output[:, 1:].mean(dim=1))
+
+    def _gather(self, z: Tensor) -> Tensor:
+        """This rank's (B, D) -> all ranks' (W·B, D), differentiable; identity without a trainer."""
+        if self._trainer is None:
+            return z
+        gathered = self.all_gather(z, sync_grads=True)
+        return gathered.flatten(0, 1) if gathered.dim() == z.dim() + 1 else gathered
+
+    def contrastive_loss(self, z1: Tensor, z2: Tensor) -> Tensor:
+        return gathered_info_nce(z1, z2, self.hparams.contrastive_temperature, self._gather)
+
+    def contrastive_step(self, images: Tensor) -> dict[str, Tensor]:
+        """MAGE-C losses of an image batch: {"loss", "loss_rec", "loss_con", "accuracy"}."""
+        if not images.is_floating_point():
+            raise ValueError("MAGE-C needs image batches (two augmented views per image), got token ids")
+        batch = images.shape[0]
+        views = torch.cat([self.make_views(images), self.make_views(images)])  # (2B, 3, S, S)
+        tokens, _ = self.to_tokens((views, torch.zeros(2 * batch, dtype=torch.long, device=views.device)))
+        rec = self.reconstruction(tokens)
+        z1, z2 = self.project(rec["encoder_output"]).chunk(2)
+        con = self.contrastive_loss(z1, z2)
+        loss = rec["loss"] + self.hparams.contrastive_weight * con
+        return {"loss": loss, "loss_rec": rec["loss"], "loss_con": con, "accuracy": rec["accuracy"]}
+
+    # -- Lightning hooks ---------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        if self.hparams.contrastive:
+            out = self.contrastive_step(batch[0])
+            self.log("train/loss_rec", out["loss_rec"])
+            self.log("train/loss_con", out["loss_con"])
+        else:
+            tokens, _ = self.to_tokens(batch)
+            out = self.reconstruction(tokens)
+        self.log("train/loss", out["loss"], prog_bar=True)
+        self.log("train/masked_acc", out["accuracy"])
+        return out["loss"]
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        """Reconstruction loss of the un-augmented batch under fixed masks (MAGE-C too)."""
+        generator = torch.Generator(device=self.device).manual_seed(VAL_SEED + batch_idx)
+        tokens, _ = self.to_tokens(batch)
+        out = self.reconstruction(tokens, generator)
+        self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True)
+        self.log("val/masked_acc", out["accuracy"], sync_dist=True)
+
+    def configure_optimizers(self):
+        optim = dict(self.hparams.optim)
+        optim.setdefault("total_steps", max(1, int(self.trainer.estimated_stepping_batches)))
+        warmup_epochs = optim.pop("warmup_epochs", None)
+        if warmup_epochs is not None:
+            if optim.get("warmup_steps"):
+                raise ValueError("optim: give warmup_epochs or warmup_steps, not both")
+            optim["warmup_steps"] = round(float(warmup_epochs) * self._steps_per_epoch())
+        if optim.get("lr") is None:
+            optim.setdefault("global_batch", self._global_batch())
+        return build_optimizer(self, **optim)  # only trainable parameters: the tokenizer is frozen
+
+    def _train_loader_ready(self) -> None:
+        # With max_steps set, `estimated_stepping_batches` never loads the data; we need its length.
+        if self.trainer.train_dataloader is None:
+            self.trainer.fit_loop.setup_data()
+
+    def _steps_per_epoch(self) -> int:
+        self._train_loader_ready()
+        batches = self.trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise ValueError("optim.warmup_epochs needs a finite epoch (set data.batches_per_epoch) or use warmup_steps")
+        return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
+
+    def _global_batch(self) -> int:
+        """Images per optimizer step over all ranks: MAGE's `batch_size × accum_iter × world_size`."""
+        per_device = getattr(self.trainer.datamodule, "batch_size", None)
+        if per_device is None:
+            self._train_loader_ready()
+            per_device = getattr(self.trainer.train_dataloader, "batch_size", None)
+        if not per_device:
+            raise ValueError("cannot infer the per-device batch size for base_lr scaling: set model.optim.global_batch")
+        return int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    # -- generation and features ------------------------------------------------------------------------
+    @property
+    def decode_settings(self) -> dict[str, Any]:
+        return {**DECODE_DEFAULTS, **super().decode_settings}
+
+    def generate_tokens(self, labels, num_samples, generator=None, return_steps=False, **overrides):
+        """Unconditional MaskGIT decoding with the full encoder (no drop; mask = mask-id positions)."""
+        if labels is not None:
+            raise ValueError("MAGE generates unconditionally: pass labels=None and num_samples")
+        settings = {**self.decode_settings, **overrides}
+        if float(settings.get("guidance", 0.0) or 0.0) > 0:
+            raise ValueError("MAGE is unconditional: classifier-free guidance (decode.guidance > 0) does not apply")
+        mask_id = self.layout.mask_id
+        start = torch.full((num_samples, self.n_tokens), mask_id, dtype=torch.long, device=self.device)
+        return decode(
+            lambda t: self.mage(t, t == mask_id),
+            start,
+            mask_id=mask_id,
+            steps=int(settings["steps"]),
+            schedule=settings["schedule"],
+            choice_temperature=float(settings["choice_temperature"]),
+            temperature=float(settings["temperature"]),
+            generator=generator,
+            return_steps=return_steps,
+        )
+
+    @torch.no_grad()
+    def encode_features(self, images: Tensor, layer: int | None = None) -> Tensor:
+        """(B, 3, H, W) images (or (B, N) tokens) -> (B, enc_width): the unmasked encoder's mean
+        image-token output, LayerNorm-ed (the linear-probe features). Runs in eval mode (no dropout)."""
+        tokens, _ = self.to_tokens((images, torch.zeros(len(images), dtype=torch.long, device=images.device)))
+        was_training = self.training
+        self.eval()
+        try:
+            return self.mage.encode_features(tokens, layer=layer, norm=self.hparams.feature_norm)
+        finally:
+            self.train(was_training)
