@@ -63,6 +63,11 @@ def ensure_tokenizer(cfg: DictConfig) -> Path:
     """Path of a trained tokenizer for `cfg`, training it once if no cached one exists."""
     from lightning_mim.train import run
 
+    if not cfg.tokenizer.get("train_experiment"):
+        raise ValueError(
+            f"tokenizer '{(cfg.get('choices') or {}).get('tokenizer', '?')}' has no checkpoint and no train_experiment: "
+            "set tokenizer.ckpt=/path/to/weights (e.g. the official vqgan_jax_strongaug.ckpt for maskgit_f16)"
+        )
     tok_cfg = tokenizer_run_config(cfg)
     key = stage_key(tok_cfg)
     stage_dir = Path(cfg.paths.cache_dir) / "stages" / f"tokenizer-{key}"

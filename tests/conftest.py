@@ -15,6 +15,10 @@ from pathlib import Path
 
 import pytest
 
+# Tiny models on few cores: one intra-op thread avoids OpenMP spin-waiting between processes that
+# share the cores (sweep workers, DDP ranks); subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Small enough that a stage-2 trial takes seconds on one CPU core.
 TINY_STAGE2 = [
     "transformer.width=32",

@@ -180,7 +180,8 @@ def test_perceptual_loss_runs_with_local_vgg_weights(tmp_path):
     import torchvision
 
     path = tmp_path / "vgg16.pth"
-    torch.save(torchvision.models.vgg16(weights=None).state_dict(), path)
+    features = torchvision.models.vgg16(weights=None).features  # the classifier is not needed (and 0.5 GB)
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
     module = TokenizerModule(vqgan=ARCH, loss={"perceptual_weight": 0.1, "perceptual_weights_path": str(path), "gan_weight": 0.0})
     assert module.perceptual is not None and module.perceptual_status.startswith("on")
     assert not any(k.startswith("perceptual") for k in module.state_dict())  # frozen LPIPS stays out of checkpoints
@@ -223,3 +224,12 @@ def test_reconstruction_grid_goes_to_mlflow(tmp_path):
         for info in client.list_artifacts(logger.run_id, stack.pop() or None):
             (stack if info.is_dir else paths).append(info.path)
     assert any("reconstructions" in p for p in paths), paths
+
+
+def test_vgg_weights_in_the_wrong_format_are_rejected(tmp_path):
+    from lightning_mim.nn.perceptual import LPIPS
+
+    path = tmp_path / "notvgg.pth"
+    torch.save({"features.0.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match=r"not a torchvision vgg16 state dict: features.0.weight: shape \(1,\) != expected \(64, 3, 3, 3\); missing features.0.bias"):
+        LPIPS(path)

@@ -10,6 +10,15 @@ from lightning_mim.nn.vqgan import VQGAN, ResBlock, group_norm, official_maskgit
 
 TINY = dict(base_channels=16, channel_multipliers=[1, 2, 4], num_res_blocks=1, codebook_size=64, code_dim=16, norm_groups=8)
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny convolutions: one intra-op thread is faster, and far faster on shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 
 @pytest.mark.parametrize(
     "kwargs, image, grid",

@@ -88,7 +88,7 @@ class TokenizerModule(pl.LightningModule):
         vqgan: `VQGAN` keyword arguments (`conf/tokenizer/*.yaml: arch`).
         loss: see LOSS_DEFAULTS.
         optim: see OPTIM_DEFAULTS (Adam for both networks; `disc_lr` defaults to `lr`).
-        num_logged_images: how many originals/reconstructions go into the validation grid.
+        num_logged_images: originals/reconstructions in the MLflow grid `val/reconstructions` (0 = no grid).
     """
 
     def __init__(
@@ -261,8 +261,8 @@ class TokenizerModule(pl.LightningModule):
         self.log("val/rec_loss", self._reconstruction_loss(recon, images), on_epoch=True, sync_dist=True)
         self.log("val/psnr", self.val_psnr, on_epoch=True, prog_bar=True)
         self.log("val/ssim", self.val_ssim, on_epoch=True)
-        if self._val_images is None:
-            n = int(self.hparams.num_logged_images)
+        n = int(self.hparams.num_logged_images)
+        if self._val_images is None and n > 0:
             self._val_images = torch.cat([images[:n], recon[:n]]).detach().cpu()
 
     def on_validation_epoch_end(self) -> None:
