@@ -33,6 +33,8 @@ TINY_STAGE2 = [
     "evaluation.batch_size=20",
     "decode.steps=4",
     "checkpoint_every_n_steps=3",
+    "callbacks.pictures.per_class=2",
+    "callbacks.pictures.progression_samples=2",
 ]
 
 

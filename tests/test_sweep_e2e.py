@@ -59,6 +59,16 @@ def test_grid_sweep_gives_complete_trials_and_nested_mlflow_runs(grid_sweep):
     assert all(r.info.status == "FINISHED" for r in children)
     assert all("val/fid_domain" in r.data.metrics and "val/cas" in r.data.metrics for r in children)
     assert sorted(r.data.tags["optuna.trial_number"] for r in children) == ["0", "1", "2", "3"]
+    # the resolved config and the sample pictures are artifacts of every trial run
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
+    for run in children:
+        top = {a.path for a in client.list_artifacts(run.info.run_id)}
+        images = {a.path for a in client.list_artifacts(run.info.run_id, "images")}
+        assert "config.yaml" in top
+        assert any("class_grid" in p and p.endswith(".png") for p in images)
+        assert any("progression" in p and p.endswith(".png") for p in images)
     # the printed summary: table, MLflow UI command and the runs-table URL
     assert "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
     assert "workflowType=machine_learning" in proc.stdout
@@ -157,14 +167,17 @@ def test_inference_only_axis_trains_once(tmp_path, tiny_stage2_overrides):
 
 def test_failing_trial_is_recorded_and_the_others_finish(tmp_path, tiny_stage2_overrides):
     home = tmp_path
-    proc = run_module("lightning_mim.sweep", ["model.optim.lr=0.001,nan", *tiny_stage2_overrides], home)
+    # lr=-1 makes the optimiser raise inside the trial's training process
+    proc = run_module("lightning_mim.sweep", ["model.optim.lr=0.001,-1", *tiny_stage2_overrides], home)
     study, trials = _trials(home)
     states = {t.params["model.optim.lr"]: t.state for t in trials}
     assert states["0.001"] == optuna.trial.TrialState.COMPLETE
-    assert states["nan"] == optuna.trial.TrialState.FAIL
+    assert states["-1"] == optuna.trial.TrialState.FAIL
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL][0]
-    assert "non-finite" in failed.user_attrs["error"]
+    assert "Invalid learning rate" in failed.user_attrs["error"]
     assert "failed" in proc.stdout
     children = _child_runs(home, study.user_attrs["mlflow_parent_run_id"])
     status = {r.data.params["model.optim.lr"]: r.info.status for r in children}
-    assert status == {"0.001": "FINISHED", "nan": "FAILED"}
+    assert status == {"0.001": "FINISHED", "-1": "FAILED"}
+    failed_run = [r for r in children if r.info.status == "FAILED"][0]
+    assert "Invalid learning rate" in failed_run.data.tags["error"]
