@@ -71,12 +71,22 @@ def test_generate_shapes_range_and_reproducibility():
     assert len(steps) == 3 and all(s.shape == images.shape for s in steps)
 
 
-def test_guidance_needs_no_extra_config_and_changes_samples():
+def test_guidance_passes_the_unconditional_model_to_decoding(monkeypatch):
     module = make(class_dropout=0.1)
-    labels = torch.tensor([0, 1])
-    plain = module.generate_tokens(labels, 2, torch.Generator().manual_seed(0))
-    guided = module.generate_tokens(labels, 2, torch.Generator().manual_seed(0), guidance=3.0)
-    assert not torch.equal(plain, guided)
+    captured = {}
+
+    def fake_decode(logits_fn, tokens, **kwargs):
+        captured.update(kwargs, cond=logits_fn(tokens), uncond=kwargs["uncond_logits_fn"](tokens))
+        return tokens.clamp(max=0)
+
+    monkeypatch.setattr("lightning_mim.modules.maskgit.decode", fake_decode)
+    module.generate_tokens(torch.tensor([0, 1]), 2, None, guidance=3.0, guidance_ramp="linear")
+    assert captured["guidance_scale"] == 3.0 and captured["guidance_ramp"] == "linear"
+    # the unconditional branch puts the "no class" id at position 0, the conditional one the class ids
+    cond_ids = module.class_tokens(torch.tensor([0, 1]), 2)
+    tokens = torch.full((2, 16), module.layout.mask_id)
+    assert torch.allclose(captured["cond"], module.logits(tokens, cond_ids))
+    assert torch.allclose(captured["uncond"], module.logits(tokens, module.class_tokens(None, 2)))
 
 
 def test_invalid_class_dropout():
