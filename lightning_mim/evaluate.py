@@ -136,13 +136,13 @@ def _print_table(rows: list[tuple[dict[str, Any], dict[str, float]]]) -> None:
     from rich.table import Table
 
     keys = sorted({k for setting, _ in rows for k in setting})
-    metric_names = sorted({m for _, metrics in rows for m in metrics})
+    metric_names = sorted({m for _, metrics in rows for m in metrics if not m.startswith(("is_std", "kid_std"))})
     table = Table(title="evaluation")
     for column in [*keys, *metric_names]:
         table.add_column(column)
     for setting, metrics in rows:
         table.add_row(*(str(setting.get(k, "")) for k in keys), *(f"{metrics[m]:.4f}" for m in metric_names))
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 if __name__ == "__main__":

@@ -374,7 +374,7 @@ def print_summary(sweep: Sweep, trials: list[optuna.trial.FrozenTrial]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)  # logs and CI: don't squash columns
     spec = sweep.spec
     finished = [t for t in trials if t.state != TrialState.WAITING]
     keys = sorted({k for t in finished for k in t.params})
@@ -426,6 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(HELP.format(names=", ".join(named_sweeps()) or "(none)"))
         return 0
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
+    warnings.filterwarnings("ignore", message=".*is experimental.*")
     prepare_only = "--prepare-only" in argv
     argv = [a for a in argv if a != "--prepare-only"]
     try:

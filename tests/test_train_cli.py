@@ -34,6 +34,21 @@ def test_train_maskgit_logs_to_mlflow_and_resumes(session_home, tiny_stage2_over
     second = json.loads((out / "result.json").read_text())
     assert second["global_step"] == 9
 
+    # the checkpoint scored at two inference settings without retraining: a table and two MLflow runs
+    result_file = out / "evaluate.json"
+    proc = run_module(
+        "lightning_mim.evaluate",
+        [f"ckpt={second['checkpoint']}", "decode.steps=2,4", "run_name=eval-me", f"+result_file={result_file}"],
+        session_home,
+    )
+    assert "fid_domain" in proc.stdout and "decode.steps" in proc.stdout
+    evaluations = client.search_runs(
+        [run.info.experiment_id], filter_string="tags.`lightning_mim.role` = 'evaluation' and attributes.run_name = 'eval-me'"
+    )
+    assert sorted(r.data.params["decode.steps"] for r in evaluations) == ["2", "4"]
+    assert all("val/fid_domain" in r.data.metrics and "val/cas" in r.data.metrics for r in evaluations)
+    assert "val/fid_domain" in json.loads(result_file.read_text())["metrics"]
+
 
 def test_missing_checkpoint_path_is_named(session_home, tmp_path):
     missing = tmp_path / "nope.ckpt"
