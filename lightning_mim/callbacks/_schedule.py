@@ -46,15 +46,22 @@ class EvalSchedule:
 
 
 def log_metrics(pl_module: Any, prefix: str, metrics: dict[str, float]) -> None:
-    """Log through `pl_module.log` (callback_metrics, progress bar, checkpoint monitors). Values are
-    already identical on every rank; `sync_dist=True` keeps Lightning quiet and costs one tiny
-    all-reduce. Outside validation/test, `self.log` reaches the loggers only every
-    `log_every_n_steps`, so an evaluation at another step (e.g. the last) is also written to the
-    loggers directly (they are rank-zero-only)."""
+    """Record evaluation metrics once per logger, at the current global step.
+
+    During validation/test, `pl_module.log` does it (values are already identical on every rank;
+    `sync_dist=True` keeps Lightning quiet and costs one tiny all-reduce). After a training step,
+    `self.log` would reach the loggers only on `log_every_n_steps` boundaries (and then one step
+    off), so there the values go to `trainer.callback_metrics` (sweeps, checkpoint monitors) and
+    straight to the loggers (rank-zero-only) instead."""
+    import torch
+
     named = {f"{prefix}/{key}": float(value) for key, value in metrics.items()}
-    for key, value in named.items():
-        pl_module.log(key, value, sync_dist=True)
     trainer = getattr(pl_module, "_trainer", None)
-    if trainer is not None and not (trainer.validating or trainer.testing or trainer.sanity_checking):
-        for logger in trainer.loggers:
-            logger.log_metrics(named, step=trainer.global_step)
+    if trainer is None or trainer.validating or trainer.testing or trainer.sanity_checking:
+        for key, value in named.items():
+            pl_module.log(key, value, sync_dist=True)
+        return
+    for key, value in named.items():
+        trainer.callback_metrics[key] = torch.tensor(value)
+    for logger in trainer.loggers:
+        logger.log_metrics(named, step=trainer.global_step)
