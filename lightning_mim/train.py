@@ -26,6 +26,7 @@ BOOKKEEPING_KEYS = ("paths", "run_name", "experiment_name", "ckpt_path", "logger
 PARENT_RUN_ENV = "LIGHTNING_MIM_PARENT_RUN_ID"  # set by the sweep: nest this run under its parent
 RUN_TAGS_ENV = "LIGHTNING_MIM_RUN_TAGS"  # JSON dict of extra MLflow tags (trial number, study)
 RESULT_FILE = "result.json"
+RUN_NAME_ENV = "LIGHTNING_MIM_RUN_NAME"
 
 
 class TrainingDiverged(RuntimeError):
@@ -38,6 +39,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     absolutize_paths(cfg)
     cfg.run_name = str(cfg.run_name)  # `${now:...}` must be resolved once, not per access
+    os.environ.setdefault(RUN_NAME_ENV, cfg.run_name)  # inherited by the ranks DDP launches
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     prepare_stage_inputs(cfg)  # e.g. trains (or reuses) the tokenizer a stage-2 model needs
