@@ -190,11 +190,6 @@ def test_mage_base_lr_counts_every_rank_and_accumulation():
         assert scheduler.lr_lambdas[0](0) == pytest.approx(1 / warmup)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MaskGITModule.configure_optimizers never passes global_batch: base_lr is scaled by 256 whatever "
-    "the world size (MAGEModule._global_batch does it right; move it to Stage2Module). Remove this marker then.",
-)
 def test_maskgit_base_lr_counts_every_rank():
     from lightning_mim.modules.maskgit import MaskGITModule
 
@@ -298,12 +293,6 @@ def test_two_process_ddp_on_cpu(session_home, tiny_stage2_overrides, tmp_path):
 
 @pytest.mark.slow  # ~40 s
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(
-    strict=True,
-    reason="run_name defaults to ${now:...}, composed again in the rank Lightning relaunches seconds later: "
-    "rank 1 writes its own runs/<other time>/ (config.yaml, result.json). Fix in train.py (see report), then "
-    "remove this marker.",
-)
 def test_ddp_relaunch_without_run_name_writes_one_run_dir(session_home, tiny_stage2_overrides, tmp_path):
     home = tmp_path / "home"
     args = merge_overrides(

@@ -101,6 +101,8 @@ class MaskGITModule(Stage2Module):
     def configure_optimizers(self):
         optim = dict(self.hparams.optim)
         optim.setdefault("total_steps", max(1, int(self.trainer.estimated_stepping_batches)))
+        if optim.get("base_lr") is not None:
+            optim.setdefault("global_batch", self.global_batch())
         return build_optimizer(self.transformer, **optim)
 
     # -- generation and features -----------------------------------------------------------------

@@ -74,6 +74,15 @@ class Stage2Module(pl.LightningModule):
             images = images * (1 - cell) + MASKED_CELL_GREY * cell
         return images
 
+    # -- optimisation -----------------------------------------------------------------------------
+    def global_batch(self) -> int:
+        """Samples per optimizer step over all ranks (per-device batch × world size × accumulation):
+        the batch of MAGE's lr rule lr = base_lr · global_batch / 256."""
+        per_device = getattr(self.trainer.datamodule, "batch_size", None)
+        if not per_device:
+            raise ValueError("cannot infer the per-device batch size for base_lr scaling: set model.optim.global_batch")
+        return int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
     # -- generation --------------------------------------------------------------------------------
     @property
     def decode_settings(self) -> dict[str, Any]:
