@@ -16,6 +16,7 @@ import sys
 
 import pytest
 from test_ddp import (
+    MULTI_PROCESS,
     assert_exact_disjoint_cover,
     assert_synced_val_metrics,
     merge_overrides,
@@ -45,6 +46,7 @@ def torchrun_command(port: int, run_id: str, module_args: list[str]) -> list[str
     ]  # fmt: skip
 
 
+@MULTI_PROCESS
 @pytest.mark.slow  # two agents + two workers importing torch/Lightning: ~50 s on a loaded 2-core machine
 @pytest.mark.timeout(TIMEOUT + 60)
 def test_two_nodes_by_torchrun_on_loopback(session_home, tiny_stage2_overrides, tmp_path):
