@@ -77,3 +77,16 @@ def tiny_tokenizer(session_home: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_stage2_overrides(tiny_tokenizer: Path) -> list[str]:
     return [*TINY_STAGE2, f"tokenizer.ckpt={tiny_tokenizer}"]
+
+
+@pytest.fixture(autouse=True)
+def _reset_lightning_rank():
+    """Tests that build trainers under a faked cluster environment (RANK=1, SLURM_PROCID=1) leave
+    Lightning's process-global `rank_zero_only.rank` at 1, after which every logger in this process
+    behaves as a non-zero rank (no MLflow run). Restore it after each test."""
+    yield
+    from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    rank_zero_only.rank = 0
+    fabric_rank_zero_only.rank = 0
