@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_mim.nn.vqgan import VQGAN, ResBlock, group_norm, official_maskgit_f16_config
+from lightning_mim.nn.vqgan import VQGAN, ChannelNorm, ResBlock, group_norm, norm_factory, official_maskgit_f16_config
 
 TINY = dict(base_channels=16, channel_multipliers=[1, 2, 4], num_res_blocks=1, codebook_size=64, code_dim=16, norm_groups=8)
 
@@ -65,13 +65,13 @@ def test_official_configuration_matches_the_paper():
 
 def test_resblock_shortcut_is_applied_to_the_output():
     torch.manual_seed(0)
-    block = ResBlock(8, 16, norm_groups=4, norm_eps=1e-6)
+    block = ResBlock(8, 16, norm_factory("group", 4, 1e-6))
     assert block.nin_shortcut.weight.shape == (16, 16, 1, 1)  # (out, out): it sees h, not x
     x = torch.randn(2, 8, 5, 5)
     h = block.conv1(F.silu(block.norm1(x)))
     h = block.conv2(F.silu(block.norm2(h)))
     torch.testing.assert_close(block(x), block.nin_shortcut(h) + h)
-    same = ResBlock(8, 8, norm_groups=4, norm_eps=1e-6)
+    same = ResBlock(8, 8, norm_factory("group", 4, 1e-6))
     assert not hasattr(same, "nin_shortcut")
     h = same.conv2(F.silu(same.norm2(same.conv1(F.silu(same.norm1(x))))))
     torch.testing.assert_close(same(x), x + h)
@@ -138,3 +138,22 @@ def test_bad_arguments_raise_clear_errors():
         m.encode(torch.rand(1, 1, 32, 32))
     with pytest.raises(ValueError, match="square grid"):
         m.decode_indices(torch.zeros(1, 10, dtype=torch.long))
+
+
+def test_channel_norm_is_per_pixel_and_keeps_codes_local():
+    """`norm="channel"`: normalising one pixel's channels must not depend on any other pixel, which
+    GroupNorm does (it pools statistics over the whole map)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 4, 4)
+    y = x.clone()
+    y[..., 3, 3] += 10.0  # change one far-away pixel
+    channel, group = ChannelNorm(8, 1e-6), group_norm(8, 4, 1e-6)
+    assert torch.allclose(channel(x)[..., 0, 0], channel(y)[..., 0, 0])
+    assert not torch.allclose(group(x)[..., 0, 0], group(y)[..., 0, 0])
+    ref = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (8,), eps=1e-6).permute(0, 3, 1, 2)
+    assert torch.allclose(channel(x), ref, atol=1e-6)
+    a = VQGAN(base_channels=8, channel_multipliers=[1, 2], num_res_blocks=1, codebook_size=16, code_dim=4, norm_groups=4)
+    b = VQGAN(base_channels=8, channel_multipliers=[1, 2], num_res_blocks=1, codebook_size=16, code_dim=4, norm_groups=4, norm="channel")
+    assert a.state_dict().keys() == b.state_dict().keys()  # same checkpoint layout
+    with pytest.raises(ValueError, match="unknown norm 'batch'; valid: group, channel"):
+        VQGAN(base_channels=8, channel_multipliers=[1, 2], norm="batch")

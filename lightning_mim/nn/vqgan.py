@@ -22,7 +22,7 @@ unless asked (`clamp=True`): the raw output is what the official code returns be
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -65,15 +65,47 @@ def group_norm(channels: int, groups: int, eps: float) -> nn.GroupNorm:
     return nn.GroupNorm(g, channels, eps=eps, affine=True)
 
 
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of each pixel separately (`norm="channel"`).
+
+    GroupNorm normalises over the whole feature map, so on tiny images (32x32 digits, an 8x8 latent
+    grid) a background cell's features shift with how much ink the rest of the image has, and the
+    quantiser spreads plain background over several codes chosen by global statistics: tokens a
+    stage-2 model cannot predict from their neighbours. A per-pixel norm keeps every code a function
+    of its receptive field only. Parameters are named `weight` / `bias` like GroupNorm's.
+    """
+
+    def __init__(self, channels: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+NORMS = ("group", "channel")
+
+
+def norm_factory(kind: str, groups: int, eps: float) -> Callable[[int], nn.Module]:
+    """channels -> a fresh norm layer: `group` (official GroupNorm) or `channel` (see ChannelNorm)."""
+    if kind == "group":
+        return lambda channels: group_norm(channels, groups, eps)
+    if kind == "channel":
+        return lambda channels: ChannelNorm(channels, eps)
+    raise ValueError(f"unknown norm {kind!r}; valid: {', '.join(NORMS)}")
+
+
 class ResBlock(nn.Module):
     """GN-swish-conv x2 with the official shortcut-on-output quirk when channels change."""
 
-    def __init__(self, in_channels: int, out_channels: int, norm_groups: int, norm_eps: float) -> None:
+    def __init__(self, in_channels: int, out_channels: int, norm: Callable[[int], nn.Module]) -> None:
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.norm1 = group_norm(in_channels, norm_groups, norm_eps)
+        self.norm1 = norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
-        self.norm2 = group_norm(out_channels, norm_groups, norm_eps)
+        self.norm2 = norm(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(out_channels, out_channels, 1, bias=False)
@@ -115,10 +147,10 @@ class _Level(nn.Module):
 
 
 class _Mid(nn.Module):
-    def __init__(self, channels: int, norm_groups: int, norm_eps: float) -> None:
+    def __init__(self, channels: int, norm: Callable[[int], nn.Module]) -> None:
         super().__init__()
-        self.block_1 = ResBlock(channels, channels, norm_groups, norm_eps)
-        self.block_2 = ResBlock(channels, channels, norm_groups, norm_eps)
+        self.block_1 = ResBlock(channels, channels, norm)
+        self.block_2 = ResBlock(channels, channels, norm)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.block_2(self.block_1(x))
@@ -132,8 +164,7 @@ class Encoder(nn.Module):
         channel_multipliers: Sequence[int],
         num_res_blocks: int,
         code_dim: int,
-        norm_groups: int,
-        norm_eps: float,
+        norm: Callable[[int], nn.Module],
     ) -> None:
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1, bias=False)
@@ -143,12 +174,12 @@ class Encoder(nn.Module):
             out = base_channels * mult
             blocks = []
             for _ in range(num_res_blocks):
-                blocks.append(ResBlock(ch, out, norm_groups, norm_eps))
+                blocks.append(ResBlock(ch, out, norm))
                 ch = out
             last = i == len(channel_multipliers) - 1
             self.down.append(_Level(blocks, None if last else Downsample(), "downsample"))
-        self.mid = _Mid(ch, norm_groups, norm_eps)
-        self.norm_out = group_norm(ch, norm_groups, norm_eps)
+        self.mid = _Mid(ch, norm)
+        self.norm_out = norm(ch)
         self.conv_out = nn.Conv2d(ch, code_dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -170,23 +201,22 @@ class Decoder(nn.Module):
         channel_multipliers: Sequence[int],
         num_res_blocks: int,
         code_dim: int,
-        norm_groups: int,
-        norm_eps: float,
+        norm: Callable[[int], nn.Module],
     ) -> None:
         super().__init__()
         ch = base_channels * channel_multipliers[-1]
         self.conv_in = nn.Conv2d(code_dim, ch, 3, padding=1)
-        self.mid = _Mid(ch, norm_groups, norm_eps)
+        self.mid = _Mid(ch, norm)
         levels: list[_Level] = []
         for i in reversed(range(len(channel_multipliers))):
             out = base_channels * channel_multipliers[i]
             blocks = []
             for _ in range(num_res_blocks):
-                blocks.append(ResBlock(ch, out, norm_groups, norm_eps))
+                blocks.append(ResBlock(ch, out, norm))
                 ch = out
             levels.insert(0, _Level(blocks, Upsample(ch) if i > 0 else None, "upsample"))
         self.up = nn.ModuleList(levels)  # up[0] is the finest level, as in the official code
-        self.norm_out = group_norm(ch, norm_groups, norm_eps)
+        self.norm_out = norm(ch)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -208,6 +238,7 @@ class VQGAN(nn.Module):
         num_res_blocks: ResBlocks per level (official 2; the mid stage always has 2).
         codebook_size, code_dim: K and D of the codebook (official 1024, 256).
         norm_groups, norm_eps: GroupNorm settings (official 32, 1e-6); see `group_norm` for tiny widths.
+        norm: "group" (official) or "channel" (per-pixel LayerNorm, local codes on tiny images; see ChannelNorm).
         quantizer: extra `VectorQuantizer` kwargs (beta, ema, decay, eps, restart_after, l2_normalize).
     """
 
@@ -223,6 +254,7 @@ class VQGAN(nn.Module):
         code_dim: int = 256,
         norm_groups: int = 32,
         norm_eps: float = 1e-6,
+        norm: str = "group",
         quantizer: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -246,9 +278,11 @@ class VQGAN(nn.Module):
             code_dim=code_dim,
             norm_groups=norm_groups,
             norm_eps=norm_eps,
+            norm=norm,
             quantizer=quantizer,
         )
-        arch = (base_channels, channel_multipliers, num_res_blocks, code_dim, norm_groups, norm_eps)
+        make_norm = norm_factory(norm, norm_groups, norm_eps)
+        arch = (base_channels, channel_multipliers, num_res_blocks, code_dim, make_norm)
         self.encoder = Encoder(in_channels, *arch)
         self.decoder = Decoder(out_channels, *arch)
         self.quantize = VectorQuantizer(codebook_size, code_dim, **quantizer)
