@@ -1,6 +1,8 @@
 """Optimiser and learning-rate schedule recipes of the papers, shared by every LightningModule.
 
-MaskGIT: Adam β=(0.9, 0.96), lr 1e-4, weight decay 0.045, linear warm-up then constant.
+MaskGIT: Adam β=(0.9, 0.96), lr 1e-4, weight decay 0.045, linear warm-up then constant. The official
+         optimiser is flax.optim.Adam, whose weight decay is *decoupled* (param -= lr·wd·param after
+         the Adam step), i.e. torch's AdamW — hence `name: adamw` in conf/model/maskgit.yaml.
 MAGE:    AdamW β=(0.9, 0.95), lr = base_lr·batch/256, weight decay 0.05 without decay on biases and
          norms, warm-up then half-cosine.
 """
@@ -8,6 +10,7 @@ MAGE:    AdamW β=(0.9, 0.95), lr = base_lr·batch/256, weight decay 0.05 withou
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Iterable
 
 import torch
@@ -56,7 +59,7 @@ def lr_lambda(warmup_steps: int, total_steps: int, schedule: str = "constant", m
 def build_optimizer(
     model: nn.Module,
     *,
-    name: str = "adam",
+    name: str = "adamw",
     lr: float | None = 1e-4,
     base_lr: float | None = None,
     global_batch: int = 256,
@@ -71,6 +74,13 @@ def build_optimizer(
     """Lightning's `configure_optimizers` return value for one of the papers' recipes."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer '{name}'; valid: {', '.join(OPTIMIZERS)}")
+    if name == "adam" and weight_decay > 0:
+        warnings.warn(
+            f"optimizer 'adam' with weight_decay={weight_decay} adds an L2 term to the gradient (coupled), "
+            "which Adam's normalisation turns into a pull to zero for every weight with small gradients; "
+            "the papers' decay is decoupled: use name 'adamw'",
+            stacklevel=2,
+        )
     peak = effective_lr(lr, base_lr, global_batch)
     optimizer = OPTIMIZERS[name](param_groups(model, weight_decay, decay_norms_and_biases), lr=peak, betas=tuple(betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, total_steps, schedule, min_lr_ratio))
