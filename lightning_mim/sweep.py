@@ -31,6 +31,7 @@ import optuna
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
+from lightning_mim.callbacks.optuna_pruning import build_pruner, trial_env
 from lightning_mim.config import ConfigError, absolutize_paths, compose
 from lightning_mim.locks import file_lock, pid_alive
 from lightning_mim.stages import DONE_FILE, stage_key
@@ -141,6 +142,7 @@ class Sweep:
                     study_name=self.study_name,
                     storage=self.storage(),
                     sampler=sampler,
+                    pruner=build_pruner(self.spec.effective_pruner()),
                     direction=self.spec.direction,
                     load_if_exists=True,
                 )
@@ -222,7 +224,9 @@ class Sweep:
             env[PARENT_RUN_ENV] = parent_run_id
         run_name = f"trial-{trial.number:03d}"
         try:
-            metrics = self._train_or_reuse(overrides, params, trial_dir, run_name, env)
+            metrics = self._train_or_reuse(trial, overrides, params, trial_dir, run_name, env)
+        except optuna.TrialPruned:
+            raise  # the training process already tagged its MLflow run optuna.state=PRUNED
         except Exception as err:
             trial.set_user_attr("error", str(err)[-2000:])
             self._record_failed_run(run_name, parent_run_id, tags, params, str(err))
@@ -244,8 +248,9 @@ class Sweep:
             params[key] = trial._suggest(key, dist)
         return params
 
-    def _train_or_reuse(self, overrides, params, trial_dir: Path, run_name: str, env) -> dict[str, float]:
-        """Train the stage-2 model for these training settings once; evaluate it for the rest."""
+    def _train_or_reuse(self, trial, overrides, params, trial_dir: Path, run_name: str, env) -> dict[str, float]:
+        """Train the stage-2 model for these training settings once; evaluate it for the rest.
+        A pruned training is not marked done: the next trial with the same settings resumes it."""
         training_overrides = [o for o in overrides if not self.spec.is_inference_only(o.split("=", 1)[0].lstrip("+~"))]
         train_cfg = compose(training_overrides)
         absolutize_paths(train_cfg)
@@ -256,8 +261,12 @@ class Sweep:
             if not done_file.is_file():
                 args = [sys.executable, "-m", "lightning_mim.train", *overrides,
                         f"run_name={run_name}", f"paths.output_dir={stage_dir}", "ckpt_path=last"]
-                _run_process(args, trial_dir / "train.log", env)
+                pruning = trial_env(self.storage_url, self.study_name, trial._trial_id, self.spec.objective,
+                                    self.spec.effective_pruner())
+                _run_process(args, trial_dir / "train.log", {**env, **pruning})
                 result = json.loads((stage_dir / RESULT_FILE).read_text())
+                if result.get("pruned_at_step") is not None:
+                    raise optuna.TrialPruned(f"pruned at step {result['pruned_at_step']}")
                 done_file.write_text(json.dumps({**result, "trained_by": run_name}, indent=2))
                 return result["metrics"]
             trained = json.loads(done_file.read_text())
@@ -411,6 +420,8 @@ HELP = """usage: python -m lightning_mim.sweep [sweep=NAME] [AXIS=a,b,c ...] [KE
   sweep=NAME                       named study from sweeps/NAME.yaml: {names}
   sweep.objective=val/fid_domain   metric to optimise (sweep.direction=minimize|maximize)
   sweep.seeds=3                    repeat every point with seeds 0..2 (error bars)
+  sweep.pruner=median              prune trials on the objective's intermediate values: auto (median for
+                                   search spaces, none for grids), none, median, percentile, hyperband
   sweep.inference_only=decode.     axes that reuse one trained checkpoint (default: decode.*)
   sweep.storage=URL                Optuna RDB storage (default sqlite:///<paths.home>/optuna.db;
                                    postgresql://... for workers on several nodes)

@@ -40,7 +40,13 @@ class SweepSpec:
     inference_only: list[str] = field(default_factory=lambda: list(DEFAULT_INFERENCE_ONLY))
     storage: str | None = None
     retries: int = 1
+    pruner: str = "auto"  # auto: median for search spaces, none for grids (an ablation grid wants every point)
     description: str = ""
+
+    def effective_pruner(self) -> str:
+        if self.pruner == "auto":
+            return "none" if self.is_grid else "median"
+        return self.pruner
 
     @property
     def is_grid(self) -> bool:
@@ -113,12 +119,18 @@ def _apply_option(spec: SweepSpec, key: str, value: Any) -> None:
         if value not in DIRECTIONS:
             raise ConfigError(f"unknown sweep.direction '{value}'; valid: {', '.join(DIRECTIONS)}")
         spec.direction = value
+    elif key == "pruner":
+        from lightning_mim.callbacks.optuna_pruning import PRUNERS
+
+        if value not in ("auto", *PRUNERS):
+            raise ConfigError(f"unknown sweep.pruner '{value}'; valid: auto, {', '.join(PRUNERS)}")
+        spec.pruner = str(value)
     elif key in ("n_trials", "seeds", "retries"):
         setattr(spec, key, int(value))
     elif key == "inference_only":
         spec.inference_only = [str(v) for v in (value if isinstance(value, list) else str(value).split(","))]
     else:
-        valid = "objective, direction, n_trials, seeds, retries, inference_only, storage, name"
+        valid = "objective, direction, n_trials, seeds, retries, pruner, inference_only, storage, name"
         raise ConfigError(f"unknown sweep option '{key}'; valid: {valid}")
 
 

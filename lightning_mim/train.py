@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_mim.config import ConfigError, absolutize_paths, compose, config_groups, flatten, group_options
+from lightning_mim.callbacks import optuna_pruning
 
 # Config keys that describe where/how a run is recorded, not what it computes (not logged as params;
 # `choices.*` — which option of each config group — is logged, e.g. `choices.ratio=trunc_gauss`).
@@ -50,6 +51,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = instantiate(cfg.model, _recursive_=False, _convert_="all")
     checkpoint_cb = _checkpoint_callback(cfg, output_dir)
     callbacks = [checkpoint_cb, *_instantiate_callbacks(cfg)]
+    pruning = optuna_pruning.from_env()  # inside a sweep trial with a pruner: report to its Optuna trial
+    if pruning is not None:
+        callbacks.append(pruning)
     logger = _build_logger(cfg)
     trainer = pl.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
@@ -68,8 +72,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": checkpoint_cb.last_model_path or checkpoint_cb.best_model_path,
         "output_dir": str(output_dir),
         "mlflow_run_id": getattr(logger, "run_id", None),
+        "pruned_at_step": getattr(pruning, "pruned_at", None),
     }
-    (output_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
+    # Under DDP every rank gets here; only rank 0 holds the MLflow run id (the other ranks' loggers are
+    # no-ops), so it alone writes the file; otherwise whichever rank finishes last wins (today rank 0,
+    # only because it draws the pictures at train end) and another rank's copy says `mlflow_run_id: null`.
+    if trainer.global_rank == 0:
+        (output_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     if bad:
         raise TrainingDiverged(f"non-finite metrics at step {trainer.global_step}: {', '.join(sorted(bad))}")

@@ -181,3 +181,33 @@ def test_failing_trial_is_recorded_and_the_others_finish(tmp_path, tiny_stage2_o
     assert status == {"0.001": "FINISHED", "-1": "FAILED"}
     failed_run = [r for r in children if r.info.status == "FAILED"][0]
     assert "Invalid learning rate" in failed_run.data.tags["error"]
+
+
+def test_pruned_trial_stops_early_and_stays_pruned(tmp_path, tiny_stage2_overrides):
+    """`sweep.pruner=median`: the training process reports each new objective value to the driver's
+    trial; against five earlier trials that were far better at every step, the first report prunes it."""
+    home = tmp_path
+    args = ["schedule=cosine,linear", "sweep.pruner=median", "callbacks.generation_metrics.every_n_steps=3", *tiny_stage2_overrides]
+    run_module("lightning_mim.sweep", ["--prepare-only", *args], home)
+    study, _ = _trials(home)
+    for _ in range(5):  # MedianPruner needs 5 finished trials before it prunes; these take the `linear` point
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"schedule": "linear"},
+                distributions={"schedule": optuna.distributions.CategoricalDistribution(["cosine", "linear"])},
+                value=0.0,
+                intermediate_values={step: 0.0 for step in range(1, 10)},
+            )
+        )
+    proc = run_module("lightning_mim.sweep", args, home)
+    assert "1 to run" in proc.stdout and "pruned" in proc.stdout
+    study, trials = _trials(home)
+    ours = trials[-1]
+    assert ours.state == optuna.trial.TrialState.PRUNED
+    assert ours.user_attrs["pruned_at_step"] == 3 and list(ours.intermediate_values) == [3]
+    assert not list((home / "cache" / "stages").glob("maskgit-*/done.json"))  # a pruned model is not reused
+    run = _child_runs(home, study.user_attrs["mlflow_parent_run_id"])[0]
+    assert run.data.tags["optuna.state"] == "PRUNED"
+    assert run.data.metrics  # what it logged before being stopped is kept
+    proc = run_module("lightning_mim.sweep", args, home)
+    assert "0 to run" in proc.stdout  # pruned points stay pruned

@@ -60,3 +60,26 @@ def test_unknown_named_sweep_and_option():
         parse(["sweep=nope"])
     with pytest.raises(ConfigError, match="unknown sweep option"):
         parse(["sweep.bogus=1"])
+
+
+def test_pruner_option_defaults_by_sweep_kind_and_rejects_unknown_names():
+    assert parse(["schedule=cosine,linear"]).effective_pruner() == "none"  # a grid ablation keeps every point
+    assert parse(["model.optim.lr=interval(1e-4,1e-2)", "sweep.n_trials=4"]).effective_pruner() == "median"
+    assert parse(["schedule=cosine,linear", "sweep.pruner=hyperband"]).effective_pruner() == "hyperband"
+    with pytest.raises(ConfigError, match="unknown sweep.pruner 'medain'; valid: auto, none, median"):
+        parse(["schedule=cosine", "sweep.pruner=medain"])
+
+
+def test_pruning_callback_comes_from_the_trial_environment(monkeypatch):
+    from lightning_mim.callbacks.optuna_pruning import TRIAL_ENV, OptunaPruning, build_pruner, from_env, trial_env
+
+    monkeypatch.delenv(TRIAL_ENV, raising=False)
+    assert from_env() is None  # outside a sweep
+    monkeypatch.setenv(TRIAL_ENV, trial_env("sqlite:///x.db", "s", 3, "val/fid_domain", "none")[TRIAL_ENV])
+    assert from_env() is None  # pruner none: no reporting at all
+    monkeypatch.setenv(TRIAL_ENV, trial_env("sqlite:///x.db", "s", 3, "val/fid_domain", "median")[TRIAL_ENV])
+    callback = from_env()
+    assert isinstance(callback, OptunaPruning) and callback.trial_id == 3 and callback.monitor == "val/fid_domain"
+    assert isinstance(callback.pruner, optuna.pruners.MedianPruner)
+    with pytest.raises(ValueError, match="unknown pruner 'x'"):
+        build_pruner("x")
