@@ -12,8 +12,9 @@ CELLS = [
     new_markdown_cell(
         "# Ablation plots from MLflow\n\n"
         "Reads the trial runs of a sweep (`python -m lightning_mim.sweep ...`) back from MLflow and draws\n"
-        "the paper's ablation figures. Set the tracking URI and experiment below, or through the\n"
-        "environment (`LMIM_TRACKING_URI`, `LMIM_EXPERIMENT`, `LMIM_FIGURES`) when run headless:\n\n"
+        "the paper's ablation figures. Set the tracking URI, experiment and (optionally) one sweep's study\n"
+        "name below, or through the environment (`LMIM_TRACKING_URI`, `LMIM_EXPERIMENT`, `LMIM_STUDY`,\n"
+        "`LMIM_FIGURES`) when run headless:\n\n"
         "`LMIM_TRACKING_URI=sqlite:///$PWD/lmim/mlflow.db jupyter nbconvert --execute --to notebook notebooks/ablations.ipynb`"
     ),
     new_code_cell(
@@ -22,9 +23,10 @@ CELLS = [
         "# parameters\n"
         "TRACKING_URI = os.environ.get('LMIM_TRACKING_URI', f\"sqlite:///{Path('lmim/mlflow.db').resolve()}\")\n"
         "EXPERIMENT = os.environ.get('LMIM_EXPERIMENT', 'digits-maskgit')\n"
+        "STUDY = os.environ.get('LMIM_STUDY', '')  # one sweep's study name (printed by the sweep); '' = every sweep\n"
         "FIGURES = Path(os.environ.get('LMIM_FIGURES', 'figures'))\n"
         "FIGURES.mkdir(parents=True, exist_ok=True)\n"
-        "print(TRACKING_URI, EXPERIMENT, FIGURES)",
+        "print(TRACKING_URI, EXPERIMENT, STUDY or '(all sweeps)', FIGURES)",
         metadata={"tags": ["parameters"]},
     ),
     new_code_cell(
@@ -35,10 +37,10 @@ CELLS = [
         "import numpy as np\n"
         "import pandas as pd\n\n"
         "mlflow.set_tracking_uri(TRACKING_URI)\n"
-        "runs = mlflow.search_runs(\n"
-        "    experiment_names=[EXPERIMENT],\n"
-        "    filter_string=\"tags.`lightning_mim.role` = 'trial' and attributes.status = 'FINISHED'\",\n"
-        ")\n"
+        "query = \"tags.`lightning_mim.role` = 'trial' and attributes.status = 'FINISHED'\"\n"
+        "if STUDY:\n"
+        "    query += f\" and tags.`lightning_mim.study` = '{STUDY}'\"\n"
+        "runs = mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string=query)\n"
         "print(f'{len(runs)} finished trial runs')\n"
         "\n"
         "def column(name):\n"

@@ -87,15 +87,17 @@ def test_notebook_executes_against_the_sweep(grid_sweep, tmp_path):
     from nbclient import NotebookClient
 
     home, _, _ = grid_sweep
+    study, _ = _trials(home)
     notebook = nbformat.read(Path(__file__).parents[1] / "notebooks" / "ablations.ipynb", as_version=4)
     figures = tmp_path / "figures"
     os.environ.update(
-        LMIM_TRACKING_URI=f"sqlite:///{home}/mlflow.db", LMIM_EXPERIMENT="digits-maskgit", LMIM_FIGURES=str(figures)
+        LMIM_TRACKING_URI=f"sqlite:///{home}/mlflow.db", LMIM_EXPERIMENT="digits-maskgit", LMIM_FIGURES=str(figures),
+        LMIM_STUDY=study.study_name,  # only this sweep's runs
     )
     try:
         NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     finally:
-        for key in ("LMIM_TRACKING_URI", "LMIM_EXPERIMENT", "LMIM_FIGURES"):
+        for key in ("LMIM_TRACKING_URI", "LMIM_EXPERIMENT", "LMIM_FIGURES", "LMIM_STUDY"):
             os.environ.pop(key)
     outputs = "".join(str(o.get("text", "")) for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
     assert "4 finished trial runs" in outputs
