@@ -3,30 +3,160 @@ slurm) against Lightning's cluster environments, per-rank seeds, and the global 
 
 The end-to-end run records what every rank saw with `lightning_mim.callbacks.rank_data.RankDataRecorder`
 (one JSON per rank) and checks: disjoint data, a falling loss, identical synced metrics, different random
-draws per rank, one checkpoint, one MLflow run.
+draws per rank, one checkpoint, one MLflow run. Multi-process runs go through `run_processes`: one
+thread per rank, a hard timeout, and on a hang every rank's stack in the failure message (never a stuck CI).
 """
 
 from __future__ import annotations
 
-import os
-
 import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pytest
 import torch
-from conftest import run_module
-
-# Multi-process DDP runs: an earlier version hung (a rank waiting forever) when run with the
-# rank-recording callbacks of lightning_mim/callbacks/rank_data.py; until that is understood they
-# run only on request, so CI cannot hang on them: LMIM_DDP_TESTS=1 python -m pytest tests/test_ddp.py
-MULTI_PROCESS = pytest.mark.skipif(
-    os.environ.get("LMIM_DDP_TESTS") != "1", reason="multi-process DDP e2e: set LMIM_DDP_TESTS=1 (see issue 7 notes)"
-)
 
 RECORDER = "lightning_mim.callbacks.rank_data.RankDataRecorder"
 PER_RANK_SEED = "lightning_mim.callbacks.rank_data.PerRankSeed"
+
+
+# ------------------------------------------------------------------ multi-process runs that cannot hang CI
+
+# Every rank gets one intra-op thread: on 2 shared cores, OpenMP/MKL pools spin-waiting in one rank
+# steal the core the other rank needs to reach the next gloo collective.
+CHILD_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONFAULTHANDLER": "1",  # SIGABRT (sent on timeout) prints every thread's Python stack to stderr
+}
+# Launcher state of an enclosing job (a SLURM allocation, torchrun) must not leak into the children.
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
+                "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "LIGHTNING_MIM_RUN_NAME")  # fmt: skip
+
+
+def child_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV and not k.startswith("SLURM_")}
+    return {**env, **CHILD_ENV, "LIGHTNING_MIM_HOME": str(home)}
+
+
+def _no_core_files() -> None:  # preexec_fn: SIGABRT below must not leave core dumps behind
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _tree(procs: list[subprocess.Popen], known: dict[int, psutil.Process]) -> None:
+    """Add every live descendant (Lightning's relaunched ranks, torchrun's workers) to `known`."""
+    for p in procs:
+        try:
+            root = psutil.Process(p.pid)
+            for q in [root, *root.children(recursive=True)]:
+                known.setdefault(q.pid, q)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _alive(known: dict[int, psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for q in known.values():
+        try:
+            if q.is_running() and q.status() != psutil.STATUS_ZOMBIE:
+                out.append(q)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _stacks(processes: list[psutil.Process]) -> str:
+    """py-spy dumps of the hung processes (if py-spy is installed), then SIGABRT: with
+    PYTHONFAULTHANDLER=1 each prints all its threads' Python stacks into its own log."""
+    dumps = []
+    py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
+    for q in processes:
+        header = f"--- pid {q.pid}: {' '.join(q.cmdline())[-300:]}" if q.is_running() else f"--- pid {q.pid}"
+        if py_spy:
+            try:
+                res = subprocess.run([py_spy, "dump", "--pid", str(q.pid)], capture_output=True, text=True, timeout=30)
+                header += "\n" + (res.stdout or res.stderr)[-4000:]
+            except (subprocess.TimeoutExpired, OSError) as err:
+                header += f"\n(py-spy failed: {err})"
+        dumps.append(header)
+    for q in processes:  # one at a time: ranks share a log file, and interleaved dumps are unreadable
+        try:
+            q.send_signal(signal.SIGABRT)
+        except psutil.NoSuchProcess:
+            continue
+        deadline = time.monotonic() + 5  # poll without reaping: Popen keeps the exit code
+        while _alive({q.pid: q}) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    return "\n".join(dumps)
+
+
+def _tail(path: Path, chars: int = 8000) -> str:
+    # faulthandler's one-line list of loaded extension modules is ~10 kB of noise per process
+    lines = path.read_text(errors="replace").splitlines()
+    return "\n".join(line for line in lines if not line.startswith("Extension modules:"))[-chars:]
+
+
+def run_processes(commands: list[list[str]], env: dict[str, str], log_dir: Path, timeout: float) -> float:
+    """Run the commands at once (each with every process it starts) to completion; returns seconds.
+
+    Each command's stdout+stderr go to `log_dir/proc{i}.log` (a file, not a pipe: a full pipe blocks
+    the writer, which looks exactly like a hang). Fails with the logs' tails when a command exits
+    non-zero, and — when the processes are still running after `timeout` seconds, or a descendant
+    (a rank) outlives its launcher by 60 s — with every process' stack dump, after which everything is killed.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    paths = [log_dir / f"proc{i}.log" for i in range(len(commands))]
+    logs = [open(path, "w") for path in paths]
+    start = time.monotonic()
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                         start_new_session=True, preexec_fn=_no_core_files)
+        for cmd, log in zip(commands, logs)
+    ]  # fmt: skip
+    known: dict[int, psutil.Process] = {}
+    hung, launchers_done = "", None
+    try:
+        while True:
+            _tree(procs, known)
+            alive = _alive(known)
+            if all(p.poll() is not None for p in procs):
+                launchers_done = launchers_done or time.monotonic()
+                if not alive:
+                    break
+            waited = time.monotonic() - start
+            if waited > timeout or (launchers_done and time.monotonic() - launchers_done > 60):
+                hung = f"still running after {waited:.0f} s:\n" + _stacks(alive)
+                break
+            time.sleep(0.2)
+    finally:
+        for q in _alive(known):
+            q.kill()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for log in logs:
+            log.close()
+    seconds = time.monotonic() - start
+    codes = [p.returncode for p in procs]
+    if hung or codes != [0] * len(procs):
+        tails = "\n".join(f"=== {path.name} (exit {code}): {' '.join(map(str, cmd))[-400:]}\n{_tail(path)}"
+                          for path, code, cmd in zip(paths, codes, commands))  # fmt: skip
+        raise AssertionError(f"{hung or 'failed'} (exit codes {codes}, {seconds:.0f} s)\n{tails}")
+    return seconds
+
+
+def train_command(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "lightning_mim.train", *args]
 
 
 def merge_overrides(base: list[str], *changes: str) -> list[str]:
@@ -214,24 +344,80 @@ def test_maskgit_base_lr_counts_every_rank():
     assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(1e-4 * 32 * 8 * 2 / 256)
 
 
+# ------------------------------------------------------------------ the harness itself: a hang is reported
+
+HANG_SNIPPET = """
+import datetime, sys, time
+import torch.distributed as dist
+rank, port = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=600))
+print(f"rank {rank} joined", flush=True)
+if rank == 0:
+    time.sleep(600)      # a rank that never reaches the collective ...
+else:
+    dist.barrier()       # ... and one waiting for it
+"""
+
+
+def test_run_processes_turns_a_hang_into_a_failure_with_every_ranks_stack(tmp_path):
+    """A collective on one rank only: the harness must fail within its timeout and show where each rank is."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    commands = [[sys.executable, "-c", HANG_SNIPPET, str(rank), str(port)] for rank in (0, 1)]
+    start = time.monotonic()
+    with pytest.raises(AssertionError) as failure:
+        run_processes(commands, child_env(tmp_path), tmp_path / "logs", timeout=12)
+    message = str(failure.value)
+    assert time.monotonic() - start < 60
+    assert "still running after" in message and "exit codes [-6, " in message  # rank 0 SIGABRT'ed first
+    # each rank's Python stack (faulthandler, or rank 1's own traceback when rank 0's end breaks its
+    # barrier first; py-spy adds a dump of both when installed): rank 1 waits in the collective (or, on
+    # a very slow machine, still in the rendezvous for rank 0)
+    assert "Fatal Python error: Aborted" in message and '"<string>", line 9' in message, message[-4000:]
+    assert "in barrier" in message or "in init_process_group" in message, message[-4000:]
+    assert not any(HANG_SNIPPET in (p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
+
+
+def test_run_processes_reports_a_failing_command(tmp_path):
+    with pytest.raises(AssertionError, match=r"exit codes \[0, 3\][\s\S]*boom"):
+        run_processes(
+            [[sys.executable, "-c", "pass"], [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"]],
+            child_env(tmp_path), tmp_path / "logs", timeout=60,
+        )  # fmt: skip
+
+
 # ------------------------------------------------------------------------------- 2-process DDP run
 
 
-@MULTI_PROCESS
-@pytest.mark.slow  # two interpreters + Lightning's relaunch: ~50 s on a loaded 2-core machine
-@pytest.mark.timeout(400)
+def ddp_overrides(stage2: list[str], session_home: Path, *changes: str) -> list[str]:
+    """`experiment=digits_maskgit trainer=ddp trainer.devices=2` on CPU with the session's tiny tokenizer."""
+    return merge_overrides(
+        ["experiment=digits_maskgit", *stage2],
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        f"paths.cache_dir={session_home / 'cache'}",  # digits shards + domain classifier of the session
+        "trainer.enable_progress_bar=false",
+        *changes,
+    )
+
+
+@pytest.mark.slow  # two interpreters + Lightning's relaunch: ~20 s idle, ~35 s on a loaded 2-core machine
+@pytest.mark.timeout(300)
 def test_two_process_ddp_on_cpu(session_home, tiny_stage2_overrides, tmp_path):
     from mlflow.tracking import MlflowClient
 
     home, rank_dir = tmp_path / "home", tmp_path / "ranks"
-    args = merge_overrides(
-        ["experiment=digits_maskgit", *tiny_stage2_overrides],
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
+    args = ddp_overrides(
+        tiny_stage2_overrides,
+        session_home,
         "run_name=ddp-cpu",  # see test_ddp_relaunch_without_run_name_writes_one_run_dir
-        f"paths.cache_dir={session_home / 'cache'}",  # digits shards + domain classifier of the session
-        # 3 epochs of 3 batches, validated after each: loss measurably falls within 9 steps
+        # 3 epochs of 3 batches of 32 per rank, validated after each: the loss measurably falls in 9 steps
+        "data.batch_size=32",
         "trainer.max_steps=9",
         "data.batches_per_epoch=3",
         "model.optim.lr=3e-3",
@@ -240,29 +426,31 @@ def test_two_process_ddp_on_cpu(session_home, tiny_stage2_overrides, tmp_path):
         # the whole val split (200 digits = 4 shards of 50: 2 per rank), not one batch
         "data.val_batches=null",
         "trainer.limit_val_batches=null",
-        # generation metrics once, at the last step: 20 samples = 10 per rank, features gathered
+        # generation metrics once, at the last step: 20 samples in 2 batches of 10, one per rank, features gathered
         "callbacks.generation_metrics.every_n_steps=9",
-        "trainer.enable_progress_bar=false",
+        "evaluation.batch_size=10",
         *recorder_overrides(rank_dir),
         f"+callbacks.rank_seed._target_={PER_RANK_SEED}",
         "+callbacks.rank_seed.seed=${seed}",
     )
-    run_module("lightning_mim.train", args, home, timeout=360)
+    run_processes([train_command(args)], child_env(home), tmp_path / "logs", timeout=240)
     r0, r1 = ranks = read_ranks(rank_dir, 2)
 
-    # the layout Lightning launched: 2 processes on one node, gloo
+    # the layout Lightning launched: 2 processes on one node, gloo, one intra-op thread each
     assert [(r["rank"]["global_rank"], r["rank"]["local_rank"], r["rank"]["node_rank"]) for r in ranks] == [(0, 0, 0), (1, 1, 0)]
     for r in ranks:
         assert r["rank"]["world_size"] == 2 and r["rank"]["backend"] == "gloo"
         assert r["rank"]["strategy"] == "DDPStrategy" and r["rank"]["cluster_environment"] == "LightningEnvironment"
+        assert r["rank"]["num_threads"] == 1
         assert r["global_step"] == 9 and len(r["train_batches"]) == 9  # equal batch counts: nobody waits
-        assert all(b["size"] == 64 for b in r["train_batches"])
-        assert r["global_batch"] == 128 and r["peak_lr"] == pytest.approx(3e-3)  # MaskGIT's lr is not scaled
+        assert all(b["size"] == 32 for b in r["train_batches"])
+        assert r["global_batch"] == 64 and r["peak_lr"] == pytest.approx(3e-3)  # MaskGIT's lr is not scaled
+    assert r0["rank"]["pid"] != r1["rank"]["pid"]
 
     # training: the ranks' streams differ at every step (per-rank shard/shuffle seeds)
     for b0, b1 in zip(r0["train_batches"], r1["train_batches"]):
         assert b0["samples"] != b1["samples"]
-        assert len(set(b0["samples"]) & set(b1["samples"])) < 16  # resampling may repeat a few, not the batch
+        assert len(set(b0["samples"]) & set(b1["samples"])) < 8  # resampling may repeat a few, not the batch
     # ... and so do their random draws (masks, dropout): PerRankSeed gives rank r the seed `seed + r`
     assert all(a != b for a, b in zip(r0["rng"], r1["rng"]))
 
@@ -270,11 +458,12 @@ def test_two_process_ddp_on_cpu(session_home, tiny_stage2_overrides, tmp_path):
     assert [v["global_step"] for v in r0["validations"]] == [3, 6, 9]
     assert_exact_disjoint_cover(ranks, val_split_hashes(args))
     assert all(v["samples"] == r0["validations"][0]["samples"] for v in r0["validations"])
+    assert [len(v["samples"]) for v in r0["validations"]] == [len(v["samples"]) for v in r1["validations"]] == [100] * 3
 
     # the synced metrics are identical on both ranks, the generation metrics included
     assert_synced_val_metrics(ranks)
     final = r0["validations"][-1]["metrics"]
-    assert {"val/fid_domain", "val/cas", "val/loss"} <= set(final)
+    assert {"val/fid_domain", "val/kid_domain", "val/cas", "val/loss"} <= set(final)
     # the loss falls: validation loss after each epoch, and each rank's own training loss
     val_losses = [v["metrics"]["val/loss"] for v in r0["validations"]]
     assert val_losses[0] > val_losses[1] > val_losses[2] and val_losses[0] - val_losses[2] > 0.05, val_losses
@@ -282,7 +471,7 @@ def test_two_process_ddp_on_cpu(session_home, tiny_stage2_overrides, tmp_path):
         losses = r["train_losses"]
         assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
 
-    # rank 0 alone wrote: one run directory, one checkpoint, one MLflow run
+    # rank 0 alone wrote: one run directory, one checkpoint, one MLflow run, one result.json
     assert [p.name for p in (home / "runs").iterdir()] == ["ddp-cpu"]
     out = home / "runs" / "ddp-cpu"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]
@@ -297,27 +486,20 @@ def test_two_process_ddp_on_cpu(session_home, tiny_stage2_overrides, tmp_path):
     assert run.data.metrics["val/fid_domain"] == pytest.approx(final["val/fid_domain"])
     result = json.loads((out / "result.json").read_text())
     assert result["global_step"] == 9
-    assert result["mlflow_run_id"] == run.info.run_id  # rank 0's result (train.py: write it on rank 0 only)
+    assert result["mlflow_run_id"] == run.info.run_id  # rank 0's result (train.py writes it on rank 0 only)
     assert result["metrics"]["val/loss"] == pytest.approx(val_losses[-1])
 
 
-@MULTI_PROCESS
-@pytest.mark.slow  # ~40 s
-@pytest.mark.timeout(300)
+@pytest.mark.slow  # ~15 s idle
+@pytest.mark.timeout(240)
 def test_ddp_relaunch_without_run_name_writes_one_run_dir(session_home, tiny_stage2_overrides, tmp_path):
+    """No run_name: rank 0 resolves `now` once and hands it to the rank Lightning relaunches (env
+    LIGHTNING_MIM_RUN_NAME), so both ranks write into one run directory."""
     home = tmp_path / "home"
-    args = merge_overrides(
-        ["experiment=digits_maskgit", *tiny_stage2_overrides],
-        f"paths.cache_dir={session_home / 'cache'}",
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.max_steps=1",
-        "trainer.limit_val_batches=0",
-        "callbacks=none",
-        "logger=csv",
-        "trainer.enable_progress_bar=false",
-    )
-    run_module("lightning_mim.train", args, home, timeout=280)
+    stage2 = [o for o in tiny_stage2_overrides if not o.startswith("callbacks.")]  # callbacks=none below
+    args = ddp_overrides(stage2, session_home, "trainer.max_steps=1", "trainer.limit_val_batches=0", "callbacks=none", "logger=csv")
+    assert not any(a.startswith("run_name=") for a in args)
+    run_processes([train_command(args)], child_env(home), tmp_path / "logs", timeout=180)
     run_dirs = [p.name for p in (home / "runs").iterdir()]
     assert len(run_dirs) == 1, run_dirs
+    assert (home / "runs" / run_dirs[0] / "checkpoints" / "last.ckpt").is_file()

@@ -85,7 +85,7 @@ class RankDataRecorder(pl.Callback):
     """Writes `out_dir/rank{global_rank}.json` after every validation and at the end of fit.
 
     Keys: `rank` (global_rank, local_rank, node_rank, world_size, num_nodes, num_devices, host, pid,
-    cluster_environment, backend), `train_batches` (per batch: step, sample hashes, labels),
+    cluster_environment, strategy, backend, num_threads), `train_batches` (per batch: step, sample hashes, labels),
     `train_losses` (this rank's unsynced loss per batch), `rng` (RNG fingerprint per training batch),
     `per_device_batch`, `accumulate_grad_batches`, `global_batch`, `lr` (first param group at the
     start of training), `validations` (per validation: global_step, the sample hashes and labels this
@@ -118,6 +118,8 @@ class RankDataRecorder(pl.Callback):
             "cluster_environment": type(env).__name__ if env is not None else None,
             "strategy": type(strategy).__name__,
             "backend": backend,
+            # intra-op threads: more than the cores per rank oversubscribes a shared CPU (OpenMP spin-waits)
+            "num_threads": int(torch.get_num_threads()),
         }
 
     def _batch_entry(self, batch: Any, **extra: Any) -> dict[str, Any]:
