@@ -341,7 +341,8 @@ class Sweep:
                 study.tell(trial, value, state=state)
                 shown = "" if value is None else f" {self.spec.objective}={value:.4g}"
                 progress.console.print(f"trial {trial.number} {state.name.lower()}{shown} {trial.params}")
-                progress.advance(task)
+                running = sum(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+                progress.update(task, completed=max(0, total - self.remaining(study) - running))  # all workers
 
     def _run_trial(self, trial: optuna.Trial, parent: str | None) -> tuple[TrialState, float | None]:
         try:
@@ -420,6 +421,7 @@ HELP = """usage: python -m lightning_mim.sweep [sweep=NAME] [AXIS=a,b,c ...] [KE
   sweep=NAME                       named study from sweeps/NAME.yaml: {names}
   sweep.objective=val/fid_domain   metric to optimise (sweep.direction=minimize|maximize)
   sweep.seeds=3                    repeat every point with seeds 0..2 (error bars)
+  sweep.jobs=2                     run 2 trials at once on this machine (worker processes sharing the study)
   sweep.pruner=median              prune trials on the objective's intermediate values: auto (median for
                                    search spaces, none for grids), none, median, percentile, hyperband
   sweep.inference_only=decode.     axes that reuse one trained checkpoint (default: decode.*)
@@ -429,6 +431,21 @@ HELP = """usage: python -m lightning_mim.sweep [sweep=NAME] [AXIS=a,b,c ...] [KE
 Rerunning the same command resumes the study. Several workers may run the same command at once
 (on a cluster, run it once with --prepare-only first to create the study and the MLflow parent run).
 """
+
+
+def start_local_workers(sweep: Sweep, argv: Sequence[str], jobs: int) -> list[subprocess.Popen]:
+    """`sweep.jobs=N`: N-1 more workers of this same sweep on this machine (the multi-worker path of a
+    cluster, on one host), so N trials train at once. The study and the MLflow parent run are created
+    first, so the workers do not race for them. Unless OMP_NUM_THREADS is set, the cores are shared out:
+    tiny models use one core far better than two, so N one-thread trials beat one N-thread trial."""
+    sweep.prepare()
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    args = [sys.executable, "-m", "lightning_mim.sweep", *(a for a in argv if not a.startswith("sweep.jobs=")), "sweep.jobs=1"]
+    workers = []
+    for index in range(1, jobs):
+        with open(sweep.sweep_dir / f"worker-{index}.log", "ab") as log:
+            workers.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent))
+    return workers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -452,9 +469,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"prepared study {sweep.study_name} in {sweep.storage_url}")
         return 0
     start = time.time()
+    workers: list[subprocess.Popen] = []
     try:
+        if spec.jobs > 1:
+            workers = start_local_workers(sweep, argv, spec.jobs)
         trials = sweep.run()
+        if workers:
+            print(f"waiting for {len(workers)} more worker(s) to finish their trials (logs: {sweep.sweep_dir}/worker-*.log)")
+            for worker in workers:
+                worker.wait()
+            trials = sweep.study().get_trials(deepcopy=False)
     except KeyboardInterrupt:
+        for worker in workers:
+            worker.send_signal(signal.SIGINT)
+        for worker in workers:
+            worker.wait()
         print("\ninterrupted: the study is saved; rerun the same command to resume", file=sys.stderr)
         return 130
     print_summary(sweep, trials)

@@ -40,6 +40,7 @@ class SweepSpec:
     inference_only: list[str] = field(default_factory=lambda: list(DEFAULT_INFERENCE_ONLY))
     storage: str | None = None
     retries: int = 1
+    jobs: int = 1  # worker processes this command starts on this machine (each runs whole trials)
     pruner: str = "auto"  # auto: median for search spaces, none for grids (an ablation grid wants every point)
     description: str = ""
 
@@ -125,12 +126,14 @@ def _apply_option(spec: SweepSpec, key: str, value: Any) -> None:
         if value not in ("auto", *PRUNERS):
             raise ConfigError(f"unknown sweep.pruner '{value}'; valid: auto, {', '.join(PRUNERS)}")
         spec.pruner = str(value)
-    elif key in ("n_trials", "seeds", "retries"):
+    elif key in ("n_trials", "seeds", "retries", "jobs"):
         setattr(spec, key, int(value))
+        if key == "jobs" and spec.jobs < 1:
+            raise ConfigError(f"sweep.jobs must be >= 1, got {value}")
     elif key == "inference_only":
         spec.inference_only = [str(v) for v in (value if isinstance(value, list) else str(value).split(","))]
     else:
-        valid = "objective, direction, n_trials, seeds, retries, pruner, inference_only, storage, name"
+        valid = "objective, direction, n_trials, seeds, retries, jobs, pruner, inference_only, storage, name"
         raise ConfigError(f"unknown sweep option '{key}'; valid: {valid}")
 
 

@@ -213,3 +213,16 @@ def test_pruned_trial_stops_early_and_stays_pruned(tmp_path, tiny_stage2_overrid
     assert run.data.metrics  # what it logged before being stopped is kept
     proc = run_module("lightning_mim.sweep", args, home)
     assert "0 to run" in proc.stdout  # pruned points stay pruned
+
+
+def test_jobs_run_trials_in_parallel_worker_processes(tmp_path, tiny_stage2_overrides):
+    """`sweep.jobs=2`: the command starts a second worker on the same study; the grid is split between
+    the two processes, each point once, and the summary covers both workers' trials."""
+    home = tmp_path
+    proc = run_module("lightning_mim.sweep", ["schedule=cosine,sqrt", "sweep.jobs=2", *tiny_stage2_overrides], home)
+    _, trials = _trials(home)
+    complete = _complete_params(trials)
+    assert len(complete) == 2 and len(set(complete)) == 2
+    assert len({t.user_attrs["pid"] for t in trials}) == 2  # two driver processes ran them
+    assert list((home / "sweeps").glob("*/worker-1.log"))
+    assert "cosine" in proc.stdout and "sqrt" in proc.stdout  # the table lists the other worker's trial too
