@@ -226,3 +226,27 @@ def test_jobs_run_trials_in_parallel_worker_processes(tmp_path, tiny_stage2_over
     assert len({t.user_attrs["pid"] for t in trials}) == 2  # two driver processes ran them
     assert list((home / "sweeps").glob("*/worker-1.log"))
     assert "cosine" in proc.stdout and "sqrt" in proc.stdout  # the table lists the other worker's trial too
+
+
+def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(tmp_path, tiny_stage2_overrides):
+    """SIGINT to the driver while a trial trains: it stops the trial's process, marks the trial as
+    interrupted (not a failed try of the point), exits 130, and the same command then runs every point."""
+    home = tmp_path
+    args = ["schedule=cosine,linear", *tiny_stage2_overrides]
+    env = {**os.environ, "LIGHTNING_MIM_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lightning_mim.sweep", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((home / "sweeps").glob("*/trial-0000/train.log")):
+        time.sleep(0.5)
+    time.sleep(3)  # the trial's training process is up
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out[-2000:], err[-3000:])
+    assert "rerun the same command to resume" in err
+    _, trials = _trials(home)
+    assert [t.user_attrs.get("error") for t in trials] == ["interrupted"]
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    run_module("lightning_mim.sweep", args, home)
+    _, trials = _trials(home)
+    assert sorted(_complete_params(trials)) == ['{"schedule": "cosine"}', '{"schedule": "linear"}']
