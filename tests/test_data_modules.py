@@ -383,17 +383,25 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 def test_two_rank_ddp_stays_in_step_and_splits_val_exactly(cache, tmp_path):
-    """Real Lightning DDP (2 CPU processes, gloo, 1 worker each): equal batch counts, exact val split."""
+    """Real Lightning DDP (2 CPU processes, gloo, 1 worker each): equal batch counts, exact val split.
+
+    It takes ~20 s; once in CI (never reproduced in dozens of local runs, idle or loaded) it was still
+    running after 300 s. So it runs through `run_processes` (log files, one thread per rank, stacks of
+    every process on a hang) and a hang gets one more try, with the first try's stacks as a warning."""
     import json
-    import subprocess
     import sys
+    import warnings
+
+    from _processes import ProcessesHung, child_env, run_processes
 
     script = tmp_path / "ddp_fit.py"
     script.write_text(_DDP_SCRIPT)
-    result = subprocess.run(
-        [sys.executable, str(script), str(cache), str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    command = [sys.executable, str(script), str(cache), str(tmp_path)]
+    try:
+        run_processes([command], child_env(tmp_path / "home"), tmp_path / "logs", timeout=150)
+    except ProcessesHung as hang:
+        warnings.warn(f"2-rank DDP data test hung once; retrying. {hang}"[:20000], stacklevel=1)
+        run_processes([command], child_env(tmp_path / "home"), tmp_path / "logs-retry", timeout=150)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     expected = math.ceil(1597 / (32 * 2))  # one pass over train across both ranks
     for rank in ranks:
