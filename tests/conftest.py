@@ -90,3 +90,34 @@ def _reset_lightning_rank():
 
     rank_zero_only.rank = 0
     fabric_rank_zero_only.rank = 0
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test: tiny CPU kernels on a shared 2-core machine run up to
+    ~10x faster than on two. Test modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def quiet_trainer(tmp_path: Path):
+    """Factory for a `pl.Trainer` that writes and prints nothing a test did not ask for: no logger,
+    checkpoints, progress bar or model summary; root dir `tmp_path`. Keyword arguments add or override."""
+    import lightning.pytorch as pl
+
+    def make(**kwargs) -> pl.Trainer:
+        quiet = dict(
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+        return pl.Trainer(**{**quiet, **kwargs})
+
+    return make

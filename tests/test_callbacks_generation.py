@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
-import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_mim.callbacks import GenerationMetrics
@@ -15,27 +14,11 @@ from lightning_mim.callbacks._schedule import EvalSchedule
 from lightning_mim.eval.testing import FakeGenerator, SyntheticImageDataModule
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small CPU kernels on a shared 2-core machine run ~10x faster on one thread than on two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-def _trainer(tmp_path, callbacks, **kw) -> pl.Trainer:
-    kw.setdefault("logger", False)
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **kw,
-    )
+def _trainer(quiet_trainer, callbacks, **kw) -> pl.Trainer:
+    return quiet_trainer(accelerator="cpu", devices=1, callbacks=callbacks, **kw)
 
 
 def _callback(tmp_path, **kw) -> GenerationMetrics:
@@ -50,10 +33,10 @@ def _callback(tmp_path, **kw) -> GenerationMetrics:
     )
 
 
-def test_fit_logs_val_metrics_each_epoch_and_test_logs_test_metrics(tmp_path):
+def test_fit_logs_val_metrics_each_epoch_and_test_logs_test_metrics(tmp_path, quiet_trainer):
     callback = _callback(tmp_path)
     logger = CSVLogger(tmp_path, name="csv")
-    trainer = _trainer(tmp_path, [callback], max_epochs=2, limit_train_batches=2, logger=logger, num_sanity_val_steps=2)
+    trainer = _trainer(quiet_trainer, [callback], max_epochs=2, limit_train_batches=2, logger=logger, num_sanity_val_steps=2)
     module, dm = FakeGenerator(), SyntheticImageDataModule()
     trainer.fit(module, datamodule=dm)
     logged = trainer.callback_metrics
@@ -80,20 +63,20 @@ def test_fit_logs_val_metrics_each_epoch_and_test_logs_test_metrics(tmp_path):
     assert callback.last_metrics["fid_domain"] == pytest.approx(float(trainer.callback_metrics["test/fid_domain"]))
 
 
-def test_every_n_steps_without_validation(tmp_path):
+def test_every_n_steps_without_validation(tmp_path, quiet_trainer):
     callback = _callback(tmp_path, every_n_epochs=None, every_n_steps=3)
     module = FakeGenerator()
-    trainer = _trainer(tmp_path, [callback], max_steps=7, limit_val_batches=0)
+    trainer = _trainer(quiet_trainer, [callback], max_steps=7, limit_val_batches=0)
     trainer.fit(module, datamodule=SyntheticImageDataModule())
     assert len(module.generate_calls) == 3 * 2  # at steps 3 and 6 and the last step 7, two batches each
     assert "val/fid_domain" in trainer.callback_metrics
 
 
-def test_metrics_do_not_live_on_the_module(tmp_path):
+def test_metrics_do_not_live_on_the_module(tmp_path, quiet_trainer):
     """FIELD_NOTES: a metric stored on the LightningModule bloats every checkpoint."""
     module = FakeGenerator()
     before = set(module.state_dict())
-    trainer = _trainer(tmp_path, [_callback(tmp_path)], max_epochs=1, limit_train_batches=1)
+    trainer = _trainer(quiet_trainer, [_callback(tmp_path)], max_epochs=1, limit_train_batches=1)
     trainer.fit(module, datamodule=SyntheticImageDataModule())
     assert set(module.state_dict()) == before
 
@@ -135,19 +118,19 @@ def test_eval_schedule():
         EvalSchedule(every_n_steps=0)
 
 
-def test_needs_a_datamodule_with_fingerprint(tmp_path):
-    trainer = _trainer(tmp_path, [_callback(tmp_path)], max_steps=1)
+def test_needs_a_datamodule_with_fingerprint(tmp_path, quiet_trainer):
+    trainer = _trainer(quiet_trainer, [_callback(tmp_path)], max_steps=1)
     dm = SyntheticImageDataModule()
     with pytest.raises(ValueError, match="fingerprint"):
         trainer.fit(FakeGenerator(), train_dataloaders=dm.train_dataloader(), val_dataloaders=dm.val_dataloader())
 
 
-def test_module_without_generate_warns_and_stays_inactive(tmp_path):
+def test_module_without_generate_warns_and_stays_inactive(tmp_path, quiet_trainer):
     class Tokenizerish(FakeGenerator):
         generate = None
 
     callback = _callback(tmp_path)
-    trainer = _trainer(tmp_path, [callback], max_epochs=1, limit_train_batches=1)
+    trainer = _trainer(quiet_trainer, [callback], max_epochs=1, limit_train_batches=1)
     with pytest.warns(UserWarning, match="GenerationMetrics is inactive.*callbacks=tokenizer"):
         trainer.fit(Tokenizerish(), datamodule=SyntheticImageDataModule())
     assert not callback.active and not callback.extractors and not callback.last_metrics

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from unittest import mock
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -24,13 +23,7 @@ from lightning_mim.eval.testing import FakeGenerator, SyntheticImageDataModule
 S, PAD = 16, 2  # image size of the fakes, make_grid padding
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small CPU kernels on a shared 2-core machine run ~10x faster on one thread than on two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _size(rows: int, cols: int) -> tuple[int, int, int]:
@@ -86,20 +79,11 @@ def test_grid_to_pil_rounds_like_the_metrics():
     assert np.asarray(grid_to_pil(grid)).tolist() == [[[128] * 3] * 2] * 2
 
 
-def _fit(tmp_path, logger, **kw) -> Pictures:
+def _fit(quiet_trainer, logger, **kw) -> Pictures:
     kw.setdefault("at_train_end", False)
     callback = Pictures(per_class=2, progression_samples=3, num_reconstructions=4, **kw)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        limit_train_batches=2,
-        logger=logger,
-        callbacks=[callback],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
+    trainer = quiet_trainer(
+        accelerator="cpu", max_epochs=2, limit_train_batches=2, logger=logger, callbacks=[callback], num_sanity_val_steps=0
     )
     trainer.fit(FakeGenerator(steps=4), datamodule=SyntheticImageDataModule())
     return callback
@@ -108,8 +92,8 @@ def _fit(tmp_path, logger, **kw) -> Pictures:
 LAYOUTS = (("class_grid", 4, 2), ("progression", 4 + 1, 3), ("reconstructions", 2, 4))
 
 
-def test_fit_writes_pngs_with_the_grid_layouts(tmp_path):
-    callback = _fit(tmp_path, False, at_train_end=True)
+def test_fit_writes_pngs_with_the_grid_layouts(tmp_path, quiet_trainer):
+    callback = _fit(quiet_trainer, False, at_train_end=True)
     assert len(callback.saved) == 2 * 3  # the end-of-training draw at step 4 is not repeated
     out = tmp_path / "pictures"  # default: default_root_dir/pictures
     for kind, rows, cols in LAYOUTS:
@@ -143,13 +127,13 @@ def test_mlflow_logger_gets_log_image_with_key_and_step(tmp_path):
 
 
 @pytest.mark.slow  # creating a fresh MLflow SQLite store runs its migrations: 10-40 s on a loaded machine
-def test_real_mlflow_store_gets_a_stepped_image_series(tmp_path):
+def test_real_mlflow_store_gets_a_stepped_image_series(tmp_path, quiet_trainer):
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     logger = MLFlowLogger(experiment_name="pictures", tracking_uri=uri, artifact_location=str(tmp_path / "artifacts"))
-    _fit(tmp_path, logger)
+    _fit(quiet_trainer, logger)
     names = [a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(logger.run_id, "images")]
     for kind, _, _ in LAYOUTS:  # stored as images/<key>+step+<step>+timestamp+...png (MLflow 3.x)
         steps = sorted(
@@ -158,18 +142,10 @@ def test_real_mlflow_store_gets_a_stepped_image_series(tmp_path):
         assert steps == [2, 4], (kind, names)
 
 
-def test_explicit_unsupported_kind_fails_at_setup(tmp_path):
+def test_explicit_unsupported_kind_fails_at_setup(quiet_trainer):
     class NoReconstruct(FakeGenerator):
         reconstruct = None
 
-    trainer = pl.Trainer(
-        max_steps=1,
-        callbacks=[Pictures(kinds=["reconstructions"])],
-        logger=False,
-        default_root_dir=tmp_path,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_steps=1, callbacks=[Pictures(kinds=["reconstructions"])])
     with pytest.raises(ValueError, match="reconstructions"):
         trainer.fit(NoReconstruct(), datamodule=SyntheticImageDataModule())

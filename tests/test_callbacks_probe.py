@@ -11,31 +11,16 @@ from lightning_mim.callbacks.linear_probe import encode_split
 from lightning_mim.eval.testing import FakeGenerator, SyntheticImageDataModule
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small CPU kernels on a shared 2-core machine run ~10x faster on one thread than on two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-def _trainer(tmp_path, callback, **kw) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **kw,
-    )
+def _trainer(quiet_trainer, callback, **kw) -> pl.Trainer:
+    return quiet_trainer(accelerator="cpu", callbacks=[callback], **kw)
 
 
-def test_probe_knn_fewshot_logged_during_fit_and_test(tmp_path):
+def test_probe_knn_fewshot_logged_during_fit_and_test(quiet_trainer):
     callback = LinearProbe(fewshot_shots=[1, 5], knn_k=5)
-    trainer = _trainer(tmp_path, callback, max_epochs=1, limit_train_batches=1, num_sanity_val_steps=0)
+    trainer = _trainer(quiet_trainer, callback, max_epochs=1, limit_train_batches=1, num_sanity_val_steps=0)
     module, dm = FakeGenerator(), SyntheticImageDataModule()
     trainer.fit(module, datamodule=dm)
     logged = trainer.callback_metrics
@@ -56,12 +41,12 @@ def test_encode_split_caps_and_keeps_order():
     assert torch.allclose(feats, module.encode_features(x[:40]))
 
 
-def test_module_without_encode_features_fails_at_setup(tmp_path):
+def test_module_without_encode_features_fails_at_setup(quiet_trainer):
     class NoFeatures(FakeGenerator):
         encode_features = None
 
     with pytest.raises(TypeError, match="encode_features"):
-        _trainer(tmp_path, LinearProbe(), max_steps=1).fit(NoFeatures(), datamodule=SyntheticImageDataModule())
+        _trainer(quiet_trainer, LinearProbe(), max_steps=1).fit(NoFeatures(), datamodule=SyntheticImageDataModule())
 
 
 def test_bad_optimizer_lists_valid():

@@ -24,12 +24,7 @@ if not REFERENCE.is_file():  # the table also lives beside the repo on other mac
     REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "reference" / "mage_vqgan_state_dict.tsv"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _reference_layout() -> list[tuple[str, tuple[int, ...]]]:

@@ -12,8 +12,8 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from lightning_mim.data import ensure_digits_shards, read_manifest, shard_urls
-from lightning_mim.data.digits import digits_arrays, digits_dir_name
+from lightning_mim.data import DigitsShardOptions, ensure_digits_shards, read_manifest, shard_urls
+from lightning_mim.data.digits import digits_arrays
 from lightning_mim.data.pipeline import iter_image_samples
 from lightning_mim.data.shards import is_complete
 
@@ -32,7 +32,7 @@ def test_split_counts_and_manifest(digits_dir):
     assert len(val["shards"]) == 4 and len(train["shards"]) == 32  # shard_size 50
     assert manifest["num_classes"] == 10 and manifest["class_names"] == [str(i) for i in range(10)]
     assert manifest["resolution"] == 32 and manifest["encoding"] == "png"
-    assert digits_dir.name == digits_dir_name(32)
+    assert digits_dir.name == DigitsShardOptions(resolution=32).dir_name
 
 
 def test_shards_hold_the_source_pixels_bit_exact(digits_dir):
@@ -64,9 +64,9 @@ def test_native_resolution_is_the_raw_data_scaled_to_uint8(tmp_path):
 
 
 def test_split_is_deterministic_per_seed(tmp_path):
-    first = ensure_digits_shards(tmp_path / "a", resolution=8, progress=False)
-    again = ensure_digits_shards(tmp_path / "b", resolution=8, progress=False)
-    other = ensure_digits_shards(tmp_path / "b", resolution=8, seed=1, progress=False)
+    first = ensure_digits_shards(tmp_path / "a", DigitsShardOptions(resolution=8), progress=False)
+    again = ensure_digits_shards(tmp_path / "b", DigitsShardOptions(resolution=8), progress=False)
+    other = ensure_digits_shards(tmp_path / "b", DigitsShardOptions(resolution=8, seed=1), progress=False)
     assert other != again
     ref = read_manifest(first)["splits"]["val"]
     assert read_manifest(again)["splits"]["val"]["content_sha256"] == ref["content_sha256"]
@@ -75,24 +75,24 @@ def test_split_is_deterministic_per_seed(tmp_path):
 
 
 def test_second_call_reuses_the_cache(tmp_path):
-    first = ensure_digits_shards(tmp_path, resolution=8, progress=False)
+    first = ensure_digits_shards(tmp_path, DigitsShardOptions(resolution=8), progress=False)
     stamp = {p.name: p.stat().st_mtime_ns for p in first.iterdir()}
-    assert ensure_digits_shards(tmp_path, resolution=8, progress=False) == first
+    assert ensure_digits_shards(tmp_path, DigitsShardOptions(resolution=8), progress=False) == first
     assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == stamp
 
 
 def test_damaged_cache_is_rebuilt_not_read(tmp_path):
-    first = ensure_digits_shards(tmp_path, resolution=8, progress=False)
+    first = ensure_digits_shards(tmp_path, DigitsShardOptions(resolution=8), progress=False)
     shard = first / "train-000003.tar"
     shard.write_bytes(shard.read_bytes()[:5000])  # truncated after the manifest was written
     assert not is_complete(first)
-    assert ensure_digits_shards(tmp_path, resolution=8, progress=False) == first
+    assert ensure_digits_shards(tmp_path, DigitsShardOptions(resolution=8), progress=False) == first
     assert is_complete(first) and len(list(iter_image_samples(str(shard)))) == 50
 
     (first / "manifest.json").unlink()  # e.g. copied without its manifest
     for extra in first.glob("val-*.tar"):
         extra.unlink()
-    ensure_digits_shards(tmp_path, resolution=8, progress=False)
+    ensure_digits_shards(tmp_path, DigitsShardOptions(resolution=8), progress=False)
     assert read_manifest(first)["splits"]["val"]["count"] == 200
 
 
@@ -108,18 +108,18 @@ def test_process_killed_mid_write_leaves_nothing_readable_and_is_rebuilt(tmp_pat
             if len(self.shards) == 3:
                 os.kill(os.getpid(), signal.SIGKILL)
         shards._SplitWriter._close_shard = close_then_die
-        from lightning_mim.data.digits import ensure_digits_shards
-        ensure_digits_shards({str(tmp_path)!r}, resolution=8, progress=False)
+        from lightning_mim.data.digits import DigitsShardOptions, ensure_digits_shards
+        ensure_digits_shards({str(tmp_path)!r}, DigitsShardOptions(resolution=8), progress=False)
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == -9, result.stderr
-    final = tmp_path / digits_dir_name(8)
+    final = tmp_path / DigitsShardOptions(resolution=8).dir_name
     assert not final.exists()  # never visible half-written
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     assert len(leftovers) == 1 and len(list(leftovers[0].glob("train-*.tar"))) >= 3
     assert not (leftovers[0] / "manifest.json").exists()
 
-    assert ensure_digits_shards(tmp_path, resolution=8, progress=False) == final
+    assert ensure_digits_shards(tmp_path, DigitsShardOptions(resolution=8), progress=False) == final
     assert is_complete(final) and read_manifest(final)["splits"]["train"]["count"] == 1597
     assert [p.name for p in tmp_path.iterdir()] == [final.name]  # the dead writer's temp dir is gone

@@ -9,13 +9,7 @@ from lightning_mim.eval.domain_classifier import load_or_train_domain_classifier
 from lightning_mim.eval.generation import evaluate_generation
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small CPU kernels on a shared 2-core machine run ~10x faster on one thread than on two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 class ReplayGenerator(torch.nn.Module):

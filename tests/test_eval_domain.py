@@ -13,13 +13,7 @@ from lightning_mim.eval.extractors import DomainExtractor, build_extractor
 from lightning_mim.eval.testing import SyntheticImageDataModule
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small CPU kernels on a shared 2-core machine run ~10x faster on one thread than on two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_training_is_deterministic_and_leaves_global_rng_alone():

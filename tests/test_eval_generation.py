@@ -12,13 +12,7 @@ from lightning_mim.eval.testing import FakeGenerator, ProjectionExtractor, Synth
 DOMAIN = {"epochs": 20}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small CPU kernels on a shared 2-core machine run ~10x faster on one thread than on two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _run(module, dm, cache_dir, **kw):

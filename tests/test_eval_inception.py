@@ -10,7 +10,6 @@ from __future__ import annotations
 import pickle
 from unittest import mock
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -19,13 +18,7 @@ from lightning_mim.eval.extractors import INCEPTION_FILENAME, InceptionExtractor
 from lightning_mim.eval.testing import FakeGenerator, SyntheticImageDataModule
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small CPU kernels on a shared 2-core machine run ~10x faster on one thread than on two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -79,18 +72,10 @@ def test_missing_weights_error_names_file_source_and_key(tmp_path, no_download, 
     assert "callbacks.generation_metrics.inception_weights" in msg
 
 
-def test_callback_fails_at_start_up_before_any_training(tmp_path, no_download):
+def test_callback_fails_at_start_up_before_any_training(tmp_path, no_download, quiet_trainer):
     module = FakeGenerator()
     callback = GenerationMetrics(extractors=["inception"], inception_weights=tmp_path / "nope.pth", cache_dir=tmp_path)
-    trainer = pl.Trainer(
-        max_steps=3,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_steps=3, callbacks=[callback])
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         trainer.fit(module, datamodule=SyntheticImageDataModule())
     assert trainer.global_step == 0 and module.weight.item() == 0.0

@@ -20,13 +20,7 @@ from lightning_mim.eval.generation import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small CPU kernels on a shared 2-core machine run ~10x faster on one thread than on two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _features(n: int = 400, d: int = 16, seed: int = 0, shift: float = 0.0) -> torch.Tensor:

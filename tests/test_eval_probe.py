@@ -10,13 +10,7 @@ from lightning_mim.eval.probe import fewshot_indices, fewshot_top1, knn_top1, pr
 C, D = 10, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small CPU kernels on a shared 2-core machine run ~10x faster on one thread than on two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _noisy_onehot(n: int, seed: int, noise: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:

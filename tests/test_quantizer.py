@@ -15,14 +15,7 @@ from lightning_mim.nn.quantizer import (
     squared_distances,
 )
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions: one intra-op thread is faster, and far faster on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _set_codes(q: VectorQuantizer, codes: list[list[float]]) -> None:

@@ -17,12 +17,7 @@ from lightning_mim.tokenize import TokenizerMismatchError, check_token_manifest,
 ARCH = dict(base_channels=8, channel_multipliers=[1, 2], num_res_blocks=1, codebook_size=32, code_dim=4, norm_groups=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture

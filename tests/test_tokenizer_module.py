@@ -23,12 +23,7 @@ ARCH = dict(base_channels=8, channel_multipliers=[1, 2], num_res_blocks=1, codeb
 DISC = dict(base_channels=8, num_layers=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _loader(n: int = 8, size: int = 16, batch: int = 4):
@@ -37,9 +32,8 @@ def _loader(n: int = 8, size: int = 16, batch: int = 4):
     return torch.utils.data.DataLoader(data, batch_size=batch)
 
 
-def _trainer(tmp_path, max_steps: int, logger=False, **kw) -> pl.Trainer:
-    return pl.Trainer(max_steps=max_steps, logger=logger, enable_progress_bar=False, enable_model_summary=False,
-                      enable_checkpointing=False, default_root_dir=tmp_path, num_sanity_val_steps=0, **kw)
+def _trainer(quiet_trainer, max_steps: int, **kw) -> pl.Trainer:
+    return quiet_trainer(max_steps=max_steps, num_sanity_val_steps=0, **kw)
 
 
 class _Recorder(pl.loggers.logger.Logger):
@@ -116,7 +110,7 @@ def test_unknown_options_list_the_valid_ones():
         TokenizerModule(vqgan=ARCH, optim={"momentum": 0.9})
 
 
-def test_training_with_gan_counts_generator_steps_and_logs_everything(tmp_path):
+def test_training_with_gan_counts_generator_steps_and_logs_everything(tmp_path, quiet_trainer):
     torch.manual_seed(0)
     module = TokenizerModule(
         vqgan=ARCH,
@@ -126,7 +120,7 @@ def test_training_with_gan_counts_generator_steps_and_logs_everything(tmp_path):
     )
     d_before = [p.detach().clone() for p in module.discriminator.parameters()]
     logger = _Recorder()
-    trainer = _trainer(tmp_path, max_steps=4, logger=logger, log_every_n_steps=1, limit_val_batches=0)
+    trainer = _trainer(quiet_trainer, max_steps=4, logger=logger, log_every_n_steps=1, limit_val_batches=0)
     trainer.fit(module, _loader(n=16))
     # 4 generator updates = 4 batches, although the discriminator also stepped twice (steps 2 and 3)
     assert trainer.global_step == 4
@@ -141,11 +135,11 @@ def test_training_with_gan_counts_generator_steps_and_logs_everything(tmp_path):
     assert logger.params["tokenizer/perceptual_loss"] == "off"
 
 
-def test_validation_metrics_and_reconstruct(tmp_path):
+def test_validation_metrics_and_reconstruct(tmp_path, quiet_trainer):
     torch.manual_seed(0)
     module = TokenizerModule(vqgan=ARCH, loss={"perceptual_weight": 0.0, "gan_weight": 0.0}, optim={"lr": 1e-3})
     assert module.discriminator is None
-    trainer = _trainer(tmp_path, max_steps=2)
+    trainer = _trainer(quiet_trainer, max_steps=2)
     trainer.fit(module, _loader(), _loader())
     metrics = trainer.callback_metrics
     for key in ("val/psnr", "val/ssim", "val/codebook_usage", "val/perplexity", "val/rec_loss"):
@@ -161,13 +155,13 @@ def test_validation_metrics_and_reconstruct(tmp_path):
     assert recon.shape == (2, 3, 16, 16) and recon.min() >= 0 and recon.max() <= 1
 
 
-def test_missing_perceptual_weights_warn_once_log_a_param_and_disable_the_loss(tmp_path):
+def test_missing_perceptual_weights_warn_once_log_a_param_and_disable_the_loss(tmp_path, quiet_trainer):
     with pytest.warns(UserWarning, match="perceptual loss .* disabled: VGG16 weights not found at .*nope.pth"):
         module = TokenizerModule(vqgan=ARCH, loss={"perceptual_weight": 0.1, "perceptual_weights_path": str(tmp_path / "nope.pth"),
                                                    "gan_weight": 0.0})
     assert module.perceptual is None
     logger = _Recorder()
-    trainer = _trainer(tmp_path, max_steps=1, logger=logger, limit_val_batches=0, log_every_n_steps=1)
+    trainer = _trainer(quiet_trainer, max_steps=1, logger=logger, limit_val_batches=0, log_every_n_steps=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no second warning during fit
         warnings.filterwarnings("ignore", message=".*(LeafSpec|val_dataloader|num_workers|log_every_n_steps).*")
@@ -176,7 +170,7 @@ def test_missing_perceptual_weights_warn_once_log_a_param_and_disable_the_loss(t
     assert not any("train/perceptual_loss" in row for row in logger.metrics)
 
 
-def test_perceptual_loss_runs_with_local_vgg_weights(tmp_path):
+def test_perceptual_loss_runs_with_local_vgg_weights(tmp_path, quiet_trainer):
     import torchvision
 
     path = tmp_path / "vgg16.pth"
@@ -186,17 +180,17 @@ def test_perceptual_loss_runs_with_local_vgg_weights(tmp_path):
     assert module.perceptual is not None and module.perceptual_status.startswith("on")
     assert not any(k.startswith("perceptual") for k in module.state_dict())  # frozen LPIPS stays out of checkpoints
     logger = _Recorder()
-    trainer = _trainer(tmp_path, max_steps=1, logger=logger, limit_val_batches=0, log_every_n_steps=1)
+    trainer = _trainer(quiet_trainer, max_steps=1, logger=logger, limit_val_batches=0, log_every_n_steps=1)
     trainer.fit(module, _loader(n=4))
     rows = [row for row in logger.metrics if "train/perceptual_loss" in row]
     assert rows and rows[0]["train/perceptual_loss"] > 0
 
 
-def test_checkpoint_rebuilds_the_module(tmp_path):
+def test_checkpoint_rebuilds_the_module(tmp_path, quiet_trainer):
     torch.manual_seed(0)
     module = TokenizerModule(vqgan={**ARCH, "quantizer": {"ema": True, "decay": 0.9}},
                              loss={"perceptual_weight": 0.0, "gan_weight": 0.1, "discriminator": DISC, "gan_loss": "hinge"})
-    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer = _trainer(quiet_trainer, max_steps=2, limit_val_batches=0)
     trainer.fit(module, _loader())
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
@@ -208,14 +202,14 @@ def test_checkpoint_rebuilds_the_module(tmp_path):
     torch.testing.assert_close(again.vqgan.quantize.cluster_size, module.vqgan.quantize.cluster_size)
 
 
-def test_reconstruction_grid_goes_to_mlflow(tmp_path):
+def test_reconstruction_grid_goes_to_mlflow(tmp_path, quiet_trainer):
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     logger = MLFlowLogger(experiment_name="tok", tracking_uri=uri, artifact_location=str(tmp_path / "art"), run_name="r")
     module = TokenizerModule(vqgan=ARCH, loss={"perceptual_weight": 0.0, "gan_weight": 0.0}, num_logged_images=3)
-    trainer = _trainer(tmp_path, max_steps=2, logger=logger)  # one epoch: validation runs at its end
+    trainer = _trainer(quiet_trainer, max_steps=2, logger=logger)  # one epoch: validation runs at its end
     trainer.fit(module, _loader(), _loader())
     client = MlflowClient(tracking_uri=uri)
     paths = []

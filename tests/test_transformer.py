@@ -103,6 +103,26 @@ def test_pre_ln_block_equals_hand_computation():
     torch.testing.assert_close(blk(x), expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize(
+    "block, order, eps, gelu, hidden_dropout",
+    [
+        (tf.PreLNBlock, ["norm1", "attn", "norm2", "mlp"], 1e-6, "none", True),  # timm ViT / MAGE
+        (tf.PostLNBlock, ["attn", "norm1", "mlp", "norm2"], 1e-12, "tanh", False),  # BERT / MaskGIT
+    ],
+)
+def test_block_defaults_and_parameter_order(block, order, eps, gelu, hidden_dropout):
+    """Each layout keeps its defaults and its parameter order (optimizer states in checkpoints are
+    stored by parameter index); explicit options override the defaults."""
+    blk = block(32, 4, 64)
+    assert [name for name, _ in blk.named_children()] == order
+    assert blk.norm1.eps == blk.norm2.eps == eps
+    assert blk.mlp.gelu_approximate == gelu and blk.mlp.hidden_dropout is hidden_dropout
+    assert blk.attn.attn_dropout == 0.1 and blk.mlp.drop.p == 0.1 and blk.attn.attn_fp32
+    other = block(32, 4, 64, ln_eps=1e-5, gelu_approximate="tanh" if gelu == "none" else "none", attn_fp32=False)
+    assert other.norm1.eps == other.norm2.eps == 1e-5 and other.mlp.gelu_approximate != gelu
+    assert not other.attn.attn_fp32
+
+
 def test_pre_ln_layout_has_final_norm_and_runs():
     model = tiny(layout="pre_ln").eval()
     assert isinstance(model.norm, torch.nn.LayerNorm) and model.norm.eps == 1e-6

@@ -10,14 +10,7 @@ from lightning_mim.nn.vqgan import VQGAN, ChannelNorm, ResBlock, group_norm, nor
 
 TINY = dict(base_channels=16, channel_multipliers=[1, 2, 4], num_res_blocks=1, codebook_size=64, code_dim=16, norm_groups=8)
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions: one intra-op thread is faster, and far faster on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.mark.parametrize(

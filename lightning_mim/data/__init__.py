@@ -17,6 +17,7 @@ from typing import Any
 _EXPORTS = {
     "CorruptSampleLogger": "callbacks",
     "DigitsDataModule": "datamodules",
+    "DigitsShardOptions": "digits",
     "ImageDataModule": "datamodules",
     "ImageFolderDataModule": "datamodules",
     "TokenDataModule": "datamodules",

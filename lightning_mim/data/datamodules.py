@@ -27,9 +27,10 @@ from lightning_mim.data.digits import (
     DEFAULT_SHARD_SIZE,
     DEFAULT_VAL_PER_CLASS,
     NUM_CLASSES as DIGITS_CLASSES,
+    DigitsShardOptions,
     ensure_digits_shards,
 )
-from lightning_mim.data.folder import ensure_folder_shards, interpolation_mode
+from lightning_mim.data.folder import FolderShardOptions, ensure_folder_shards, interpolation_mode
 from lightning_mim.data.shards import (
     manifest_for_urls,
     read_manifest,
@@ -343,13 +344,14 @@ class DigitsDataModule(ImageDataModule):
         super().__init__(image_size=image_size or resolution, train_augment=train_augment, num_classes=DIGITS_CLASSES, **kwargs)
         self.cache_dir = Path(cache_dir).expanduser()
         self.resolution = int(resolution)
-        self._options = dict(
+        self._options = DigitsShardOptions(
             resolution=self.resolution, shard_size=int(shard_size), seed=int(split_seed),
-            val_per_class=int(val_per_class), interpolation=upscale, progress=progress,
+            val_per_class=int(val_per_class), interpolation=upscale,
         )
+        self._progress = progress
 
     def _build(self) -> Path:
-        return ensure_digits_shards(self.cache_dir, **self._options)
+        return ensure_digits_shards(self.cache_dir, self._options, progress=self._progress)
 
 
 class ImageFolderDataModule(ImageDataModule):
@@ -380,16 +382,20 @@ class ImageFolderDataModule(ImageDataModule):
         super().__init__(**kwargs)
         self.root = Path(root).expanduser()
         self.cache_dir = Path(cache_dir).expanduser()
-        self._options = dict(
+        self._options = FolderShardOptions(
             resolution=int(resolution or self.image_size), crop=crop, interpolation=self.interpolation,
             encoding=encoding, quality=quality, shard_size=shard_size, layout=layout, val_fraction=val_fraction,
-            val_per_class=val_per_class, seed=split_seed, workers=prepare_workers, progress=progress,
+            val_per_class=val_per_class, seed=split_seed,
         )
+        self._prepare_workers = prepare_workers
+        self._progress = progress
         self._built: Path | None = None
 
     def _build(self) -> Path:
         if self._built is None:
-            self._built = ensure_folder_shards(self.root, self.cache_dir, **self._options)
+            self._built = ensure_folder_shards(
+                self.root, self.cache_dir, self._options, workers=self._prepare_workers, progress=self._progress
+            )
         return self._built
 
 

@@ -9,6 +9,7 @@ images of every class go to val). The shards are built once into `cache_dir` and
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,25 +42,39 @@ def digits_arrays(resolution: int = 32, interpolation: str = "bicubic") -> tuple
     return np.repeat(small[..., None], 3, axis=3), digits.target.astype(np.int64)
 
 
+@dataclass(frozen=True)
+class DigitsShardOptions:
+    """Every option that changes the digits' shards: what `write_digits_shards` writes and what names
+    `ensure_digits_shards`' cache entry (one list, not three)."""
+
+    resolution: int = 32
+    shard_size: int = DEFAULT_SHARD_SIZE
+    seed: int = 0
+    val_per_class: int = DEFAULT_VAL_PER_CLASS
+    interpolation: str = "bicubic"
+
+    @property
+    def dir_name(self) -> str:
+        """Sub-directory of the cache that holds this variant (different options never share a dir)."""
+        return (
+            f"digits-{self.resolution}px-{self.interpolation}-val{self.val_per_class}"
+            f"-seed{self.seed}-shard{self.shard_size}"
+        )
+
+
 def write_digits_shards(
-    out_dir: str | os.PathLike,
-    *,
-    resolution: int = 32,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    seed: int = 0,
-    val_per_class: int = DEFAULT_VAL_PER_CLASS,
-    interpolation: str = "bicubic",
-    progress: bool = True,
+    out_dir: str | os.PathLike, options: DigitsShardOptions | None = None, *, progress: bool = True
 ) -> dict[str, Any]:
     """Write the digits as `train` and `val` PNG shards into `out_dir`; returns the manifest."""
-    images, labels = digits_arrays(resolution, interpolation)
-    train_idx, val_idx = stratified_split(labels, val_per_class=val_per_class, seed=seed)
+    opts = options or DigitsShardOptions()
+    images, labels = digits_arrays(opts.resolution, opts.interpolation)
+    train_idx, val_idx = stratified_split(labels, val_per_class=opts.val_per_class, seed=opts.seed)
     source = {
         "type": "sklearn.datasets.load_digits",
-        "resolution": int(resolution),
-        "interpolation": interpolation,
-        "seed": int(seed),
-        "val_per_class": int(val_per_class),
+        "resolution": int(opts.resolution),
+        "interpolation": opts.interpolation,
+        "seed": int(opts.seed),
+        "val_per_class": int(opts.val_per_class),
     }
     manifest: dict[str, Any] = {}
     for split, indices in (("train", train_idx), ("val", val_idx)):
@@ -69,10 +84,10 @@ def write_digits_shards(
             out_dir,
             split,
             samples,
-            shard_size=shard_size,
+            shard_size=opts.shard_size,
             encoding="png",
             class_names=CLASS_NAMES,
-            resolution=int(resolution),
+            resolution=int(opts.resolution),
             extra_manifest={"source": source},
             progress=progress,
             total=len(indices),
@@ -80,35 +95,14 @@ def write_digits_shards(
     return manifest
 
 
-def digits_dir_name(
-    resolution: int = 32,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    seed: int = 0,
-    val_per_class: int = DEFAULT_VAL_PER_CLASS,
-    interpolation: str = "bicubic",
-) -> str:
-    """Sub-directory of the cache that holds one variant (different options never share a dir)."""
-    return f"digits-{resolution}px-{interpolation}-val{val_per_class}-seed{seed}-shard{shard_size}"
-
-
 def ensure_digits_shards(
-    cache_dir: str | os.PathLike,
-    resolution: int = 32,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    seed: int = 0,
-    *,
-    val_per_class: int = DEFAULT_VAL_PER_CLASS,
-    interpolation: str = "bicubic",
-    progress: bool = True,
+    cache_dir: str | os.PathLike, options: DigitsShardOptions | None = None, *, progress: bool = True
 ) -> Path:
     """Directory with the digits' train/val shards + manifest.json, built on first use.
 
     Idempotent; a half-written or damaged cache (no manifest, a missing or truncated shard) is
     rebuilt, never read.
     """
-    final = Path(cache_dir) / digits_dir_name(resolution, shard_size, seed, val_per_class, interpolation)
-    options = dict(
-        resolution=resolution, shard_size=shard_size, seed=seed, val_per_class=val_per_class,
-        interpolation=interpolation, progress=progress,
-    )
-    return build_dir_atomically(final, lambda tmp: write_digits_shards(tmp, **options))
+    opts = options or DigitsShardOptions()
+    final = Path(cache_dir) / opts.dir_name
+    return build_dir_atomically(final, lambda tmp: write_digits_shards(tmp, opts, progress=progress))

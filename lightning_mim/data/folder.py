@@ -13,7 +13,7 @@ import json
 import os
 from collections import deque
 from concurrent.futures import Executor, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -220,20 +220,38 @@ def _encode_file(job: tuple[str, int | None, bool, str, str, int]) -> tuple[Enco
         return None, f"{type(err).__name__}: {err}"
 
 
+@dataclass(frozen=True)
+class FolderShardOptions:
+    """Every option that changes the shards written from an image folder: what `write_folder_shards`
+    writes, and so what `ensure_folder_shards` hashes into its cache key (one list, not three).
+
+    `resolution` None keeps the stored size; `val_fraction` / `val_per_class` / `seed` only split a
+    flat layout (see `stratified_split`).
+    """
+
+    resolution: int | None = 256
+    crop: bool = True
+    interpolation: str = "bicubic"
+    encoding: str = "png"
+    quality: int = 95
+    shard_size: int = 1000
+    layout: str = "auto"
+    val_fraction: float | None = 0.1
+    val_per_class: int | None = None
+    seed: int = 0
+
+    def scan(self, root: str | os.PathLike) -> FolderIndex:
+        """`scan_image_folder` with these options' layout and split."""
+        return scan_image_folder(
+            root, layout=self.layout, val_fraction=self.val_fraction, val_per_class=self.val_per_class, seed=self.seed
+        )
+
+
 def write_folder_shards(
     root: str | os.PathLike,
     out_dir: str | os.PathLike,
+    options: FolderShardOptions | None = None,
     *,
-    resolution: int | None = 256,
-    crop: bool = True,
-    interpolation: str = "bicubic",
-    encoding: str = "png",
-    quality: int = 95,
-    shard_size: int = 1000,
-    layout: str = "auto",
-    val_fraction: float | None = 0.1,
-    val_per_class: int | None = None,
-    seed: int = 0,
     workers: int = 0,
     progress: bool = True,
     index: FolderIndex | None = None,
@@ -241,27 +259,30 @@ def write_folder_shards(
     """Write every split of an image folder as shards into `out_dir`; returns the manifest.
 
     `workers` > 0 decodes/resizes/encodes in that many processes (output order is unchanged).
+    `index` (from `options.scan(root)`) saves scanning the folder again.
     """
-    interpolation_mode(interpolation)  # fail early on a bad name
-    index = index or scan_image_folder(
-        root, layout=layout, val_fraction=val_fraction, val_per_class=val_per_class, seed=seed
-    )
+    opts = options or FolderShardOptions()
+    interpolation_mode(opts.interpolation)  # fail early on a bad name
+    index = index or opts.scan(root)
     source = {
         "type": "imagefolder",
         "root": str(Path(root).resolve()),
         "layout": index.layout,
-        "crop": crop,
-        "interpolation": interpolation,
-        "val_fraction": val_fraction if index.layout == "flat" else None,
-        "val_per_class": val_per_class if index.layout == "flat" else None,
-        "seed": seed,
+        "crop": opts.crop,
+        "interpolation": opts.interpolation,
+        "val_fraction": opts.val_fraction if index.layout == "flat" else None,
+        "val_per_class": opts.val_per_class if index.layout == "flat" else None,
+        "seed": opts.seed,
     }
     pool = ProcessPoolExecutor(workers) if workers > 0 else None
     manifest: dict[str, Any] = {}
     try:
         for split, items in index.splits.items():
             skipped: list[dict] = []
-            jobs = [(str(index.root / rel), resolution, crop, interpolation, encoding, quality) for rel, _ in items]
+            jobs = [
+                (str(index.root / rel), opts.resolution, opts.crop, opts.interpolation, opts.encoding, opts.quality)
+                for rel, _ in items
+            ]
             results = _bounded_map(pool, _encode_file, jobs, 64 * workers) if pool else map(_encode_file, jobs)
 
             def samples(items=items, results=results, skipped=skipped, split=split) -> Iterator[tuple]:
@@ -277,13 +298,13 @@ def write_folder_shards(
                 out_dir,
                 split,
                 samples(),
-                shard_size=shard_size,
-                encoding=encoding,
-                quality=quality,
+                shard_size=opts.shard_size,
+                encoding=opts.encoding,
+                quality=opts.quality,
                 class_names=index.class_names,
-                resolution=resolution,
+                resolution=opts.resolution,
                 skipped=skipped,
-                extra_manifest={"source": source, "crop": crop if resolution else None},
+                extra_manifest={"source": source, "crop": opts.crop if opts.resolution else None},
                 progress=progress,
                 total=len(items),
             )
@@ -310,17 +331,8 @@ def _bounded_map(pool: Executor, fn: Callable, jobs: Iterable, window: int) -> I
 def ensure_folder_shards(
     root: str | os.PathLike,
     cache_dir: str | os.PathLike,
+    options: FolderShardOptions | None = None,
     *,
-    resolution: int | None = 256,
-    crop: bool = True,
-    interpolation: str = "bicubic",
-    encoding: str = "png",
-    quality: int = 95,
-    shard_size: int = 1000,
-    layout: str = "auto",
-    val_fraction: float | None = 0.1,
-    val_per_class: int | None = None,
-    seed: int = 0,
     workers: int = 0,
     progress: bool = True,
 ) -> Path:
@@ -330,16 +342,13 @@ def ensure_folder_shards(
     shards, so adding images or changing the resolution builds a new cache entry. (Editing files in
     place under the same names is not detected: delete the cache entry then.)
     """
-    options = dict(
-        resolution=resolution, crop=crop, interpolation=interpolation, encoding=encoding, quality=quality,
-        shard_size=shard_size, layout=layout, val_fraction=val_fraction, val_per_class=val_per_class, seed=seed,
-    )
-    index = scan_image_folder(root, layout=layout, val_fraction=val_fraction, val_per_class=val_per_class, seed=seed)
+    opts = options or FolderShardOptions()
+    index = opts.scan(root)
     blob = json.dumps(
-        {"root": str(Path(root).resolve()), "options": options, "classes": index.class_names, "splits": index.splits},
+        {"root": str(Path(root).resolve()), "options": asdict(opts), "classes": index.class_names, "splits": index.splits},
         sort_keys=True,
     ).encode()
     final = Path(cache_dir) / f"{Path(root).resolve().name}-{hashlib.sha256(blob).hexdigest()[:12]}"
     return build_dir_atomically(
-        final, lambda tmp: write_folder_shards(root, tmp, workers=workers, progress=progress, index=index, **options)
+        final, lambda tmp: write_folder_shards(root, tmp, opts, workers=workers, progress=progress, index=index)
     )

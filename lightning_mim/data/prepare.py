@@ -22,8 +22,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from lightning_mim.data.digits import DEFAULT_SHARD_SIZE, DEFAULT_VAL_PER_CLASS, write_digits_shards
-from lightning_mim.data.folder import INTERPOLATIONS, LAYOUTS, scan_image_folder, write_folder_shards
+from lightning_mim.data.digits import (
+    DEFAULT_SHARD_SIZE,
+    DEFAULT_VAL_PER_CLASS,
+    DigitsShardOptions,
+    write_digits_shards,
+)
+from lightning_mim.data.folder import INTERPOLATIONS, LAYOUTS, FolderShardOptions, write_folder_shards
 from lightning_mim.data.shards import ENCODINGS, ShardError, build_dir_atomically, check_shards, is_complete, read_manifest
 
 
@@ -87,24 +92,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress = not args.no_progress
         if args.command == "digits":
             def build(tmp: Path) -> None:
-                write_digits_shards(
-                    tmp, resolution=args.resolution, shard_size=args.shard_size, seed=args.seed,
-                    val_per_class=args.val_per_class, interpolation=args.interpolation, progress=progress,
+                options = DigitsShardOptions(
+                    resolution=args.resolution, shard_size=args.shard_size, seed=args.seed,
+                    val_per_class=args.val_per_class, interpolation=args.interpolation,
                 )
+                write_digits_shards(tmp, options, progress=progress)
         else:
-            val_fraction = None if args.val_per_class is not None else args.val_fraction
-            index = scan_image_folder(
-                args.root, layout=args.layout, val_fraction=val_fraction, val_per_class=args.val_per_class, seed=args.seed
-            )  # scan before creating anything: a bad folder fails fast
+            options = FolderShardOptions(
+                resolution=args.resolution or None, crop=not args.no_crop, interpolation=args.interpolation,
+                encoding=args.encoding, quality=args.quality, shard_size=args.shard_size, layout=args.layout,
+                val_fraction=None if args.val_per_class is not None else args.val_fraction,
+                val_per_class=args.val_per_class, seed=args.seed,
+            )
+            index = options.scan(args.root)  # scan before creating anything: a bad folder fails fast
 
             def build(tmp: Path) -> None:
-                write_folder_shards(
-                    args.root, tmp, resolution=args.resolution or None, crop=not args.no_crop,
-                    interpolation=args.interpolation, encoding=args.encoding, quality=args.quality,
-                    shard_size=args.shard_size, layout=args.layout, val_fraction=val_fraction,
-                    val_per_class=args.val_per_class, seed=args.seed, workers=args.workers,
-                    progress=progress, index=index,
-                )
+                write_folder_shards(args.root, tmp, options, workers=args.workers, progress=progress, index=index)
         build_dir_atomically(out, build, overwrite=True)  # an existing `out` was refused above unless --overwrite
         print(_summary(out, read_manifest(out)))
         return 0

@@ -109,8 +109,16 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(h))
 
 
-class PreLNBlock(nn.Module):
-    """x + Attn(LN(x)), then x + MLP(LN(x)): the ViT block of MAGE's encoder and decoder."""
+class _Block(nn.Module):
+    """The constructor both layouts share: attention + MLP + two LayerNorms with the same options.
+
+    Subclasses set the layout's defaults (`ln_eps`, `gelu_approximate`; None picks them) and whether
+    the MLP drops out after GELU too (`hidden_dropout`, MAGE/timm) or only on its output (BERT).
+    """
+
+    pre_ln: bool
+    default_ln_eps: float
+    default_gelu_approximate: str
 
     def __init__(
         self,
@@ -120,41 +128,44 @@ class PreLNBlock(nn.Module):
         *,
         dropout: float = 0.1,
         attn_dropout: float = 0.1,
-        ln_eps: float = 1e-6,
-        gelu_approximate: str = "none",
+        ln_eps: float | None = None,
+        gelu_approximate: str | None = None,
         attn_fp32: bool = True,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=ln_eps)
-        self.attn = SelfAttention(dim, heads, attn_dropout=attn_dropout, proj_dropout=dropout, attn_fp32=attn_fp32)
-        self.norm2 = nn.LayerNorm(dim, eps=ln_eps)
-        self.mlp = Mlp(dim, mlp_dim, dropout=dropout, hidden_dropout=True, gelu_approximate=gelu_approximate)
+        eps = self.default_ln_eps if ln_eps is None else ln_eps
+        gelu = self.default_gelu_approximate if gelu_approximate is None else gelu_approximate
+        attn = SelfAttention(dim, heads, attn_dropout=attn_dropout, proj_dropout=dropout, attn_fp32=attn_fp32)
+        mlp = Mlp(dim, mlp_dim, dropout=dropout, hidden_dropout=self.pre_ln, gelu_approximate=gelu)
+        # registration order = state-dict / parameter order each layout always had (optimizer states
+        # of existing checkpoints are stored by parameter index)
+        norm1, norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
+        if self.pre_ln:
+            self.norm1, self.attn, self.norm2, self.mlp = norm1, attn, norm2, mlp
+        else:
+            self.attn, self.norm1, self.mlp, self.norm2 = attn, norm1, mlp, norm2
+
+
+class PreLNBlock(_Block):
+    """x + Attn(LN(x)), then x + MLP(LN(x)): the ViT block of MAGE's encoder and decoder.
+    Defaults: LayerNorm eps 1e-6, exact GELU, dropout after GELU and after fc2 (timm's Mlp)."""
+
+    pre_ln = True
+    default_ln_eps = DEFAULT_LN_EPS["pre_ln"]
+    default_gelu_approximate = "none"
 
     def forward(self, x: Tensor, *, causal: bool = False, cache: dict[str, Tensor] | None = None) -> Tensor:
         x = x + self.attn(self.norm1(x), causal=causal, cache=cache)
         return x + self.mlp(self.norm2(x))
 
 
-class PostLNBlock(nn.Module):
-    """LN(x + dropout(Attn(x))), then LN(x + dropout(MLP(x))): the BERT layer of official MaskGIT."""
+class PostLNBlock(_Block):
+    """LN(x + dropout(Attn(x))), then LN(x + dropout(MLP(x))): the BERT layer of official MaskGIT.
+    Defaults: LayerNorm eps 1e-12, tanh GELU, dropout only on the MLP output."""
 
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        mlp_dim: int,
-        *,
-        dropout: float = 0.1,
-        attn_dropout: float = 0.1,
-        ln_eps: float = 1e-12,
-        gelu_approximate: str = "tanh",
-        attn_fp32: bool = True,
-    ) -> None:
-        super().__init__()
-        self.attn = SelfAttention(dim, heads, attn_dropout=attn_dropout, proj_dropout=dropout, attn_fp32=attn_fp32)
-        self.norm1 = nn.LayerNorm(dim, eps=ln_eps)
-        self.mlp = Mlp(dim, mlp_dim, dropout=dropout, hidden_dropout=False, gelu_approximate=gelu_approximate)
-        self.norm2 = nn.LayerNorm(dim, eps=ln_eps)
+    pre_ln = False
+    default_ln_eps = DEFAULT_LN_EPS["post_ln"]
+    default_gelu_approximate = "tanh"
 
     def forward(self, x: Tensor, *, causal: bool = False, cache: dict[str, Tensor] | None = None) -> Tensor:
         x = self.norm1(x + self.attn(x, causal=causal, cache=cache))
