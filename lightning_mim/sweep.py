@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import optuna
-from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from lightning_mim.callbacks.optuna_pruning import build_pruner, trial_env
 from lightning_mim.config import ConfigError, absolutize_paths, compose
 from lightning_mim.locks import file_lock, pid_alive
+from lightning_mim.pruning import build_pruner, rdb_storage, trial_env
 from lightning_mim.stages import DONE_FILE, stage_key
 from lightning_mim.sweep_spec import SweepSpec, named_sweeps, parse, search_space_for_tpe, write_spec
 from lightning_mim.tracking import ensure_experiment, runs_table_url, ui_command
@@ -123,13 +122,7 @@ class Sweep:
 
     # -- storage and study ------------------------------------------------------------------------
     def storage(self) -> optuna.storages.BaseStorage:
-        engine_kwargs = {"connect_args": {"timeout": 120}} if self.storage_url.startswith("sqlite") else None
-        return optuna.storages.RDBStorage(
-            self.storage_url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=4 * HEARTBEAT_SECONDS,
-        )
+        return rdb_storage(self.storage_url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=4 * HEARTBEAT_SECONDS)
 
     def study(self) -> optuna.Study:
         if self.spec.is_grid:

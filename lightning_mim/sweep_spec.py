@@ -22,6 +22,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
 
 from lightning_mim.config import ConfigError, sweeps_dir
+from lightning_mim.pruning import PRUNERS
 
 DIRECTIONS = ("minimize", "maximize")
 DEFAULT_INFERENCE_ONLY = ("decode.",)
@@ -121,8 +122,6 @@ def _apply_option(spec: SweepSpec, key: str, value: Any) -> None:
             raise ConfigError(f"unknown sweep.direction '{value}'; valid: {', '.join(DIRECTIONS)}")
         spec.direction = value
     elif key == "pruner":
-        from lightning_mim.callbacks.optuna_pruning import PRUNERS
-
         if value not in ("auto", *PRUNERS):
             raise ConfigError(f"unknown sweep.pruner '{value}'; valid: auto, {', '.join(PRUNERS)}")
         spec.pruner = str(value)

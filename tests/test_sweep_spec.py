@@ -71,7 +71,8 @@ def test_pruner_option_defaults_by_sweep_kind_and_rejects_unknown_names():
 
 
 def test_pruning_callback_comes_from_the_trial_environment(monkeypatch):
-    from lightning_mim.callbacks.optuna_pruning import TRIAL_ENV, OptunaPruning, build_pruner, from_env, trial_env
+    from lightning_mim.callbacks.optuna_pruning import OptunaPruning, from_env
+    from lightning_mim.pruning import TRIAL_ENV, build_pruner, trial_env
 
     monkeypatch.delenv(TRIAL_ENV, raising=False)
     assert from_env() is None  # outside a sweep

@@ -22,30 +22,11 @@ from typing import Any
 import lightning.pytorch as pl
 import optuna
 
+from lightning_mim.pruning import TRIAL_ENV, build_pruner, rdb_storage
+
 log = logging.getLogger(__name__)
 
-TRIAL_ENV = "LIGHTNING_MIM_OPTUNA_TRIAL"  # JSON: storage, study, trial_id, monitor, pruner
 PRUNED_AT = "pruned_at_step"
-PRUNERS = ("none", "median", "percentile", "hyperband")
-
-
-def build_pruner(name: str) -> optuna.pruners.BasePruner:
-    """Named pruners with Optuna's defaults (median: prune below the median of earlier trials at the
-    same step, after 5 complete trials)."""
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    if name == "median":
-        return optuna.pruners.MedianPruner()
-    if name == "percentile":
-        return optuna.pruners.PercentilePruner(25.0)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner()
-    raise ValueError(f"unknown pruner '{name}'; valid: {', '.join(PRUNERS)}")
-
-
-def trial_env(storage: str, study: str, trial_id: int, monitor: str, pruner: str) -> dict[str, str]:
-    """The environment entry the sweep driver sets for a trial's training process."""
-    return {TRIAL_ENV: json.dumps(dict(storage=storage, study=study, trial_id=trial_id, monitor=monitor, pruner=pruner))}
 
 
 def from_env() -> "OptunaPruning | None":
@@ -69,10 +50,7 @@ class OptunaPruning(pl.Callback):
 
     def _open_trial(self) -> optuna.Trial:
         if self._trial is None:
-            storage: Any = self.storage
-            if storage.startswith("sqlite"):  # the driver writes heartbeats to the same file: wait, don't fail
-                storage = optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": {"timeout": 120}})
-            study = optuna.load_study(study_name=self.study_name, storage=storage, pruner=self.pruner)
+            study = optuna.load_study(study_name=self.study_name, storage=rdb_storage(self.storage), pruner=self.pruner)
             self._trial = optuna.trial.Trial(study, self.trial_id)
         return self._trial
 
