@@ -33,12 +33,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_command(port: int, run_id: str, module_args: list[str]) -> list[str]:
-    """One node's agent (`torchrun` is `python -m torch.distributed.run`)."""
+def torchrun_command(port: int, run_id: str, module_args: list[str], *, hosts_store: bool) -> list[str]:
+    """One node's agent (`torchrun` is `python -m torch.distributed.run`).
+
+    On one machine both agents match the endpoint 127.0.0.1 and torchrun would let each try to host
+    the rendezvous store and fall back to being a client; in CI that race once left neither hosting
+    (both timed out connecting). `is_host` names the one host, as on a real cluster.
+    """
     return [
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes", "2", "--nproc-per-node", "1",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", run_id,
+        "--rdzv-conf", f"is_host={int(hosts_store)}",
         "--local-addr", "127.0.0.1",  # advertise loopback, not the host's public name
         "--max-restarts", "0",
         "-m", "lightning_mim.train", *module_args,
@@ -67,8 +73,9 @@ def test_two_nodes_by_torchrun_on_loopback(session_home, tiny_stage2_overrides, 
         "trainer.enable_progress_bar=false",
         *recorder_overrides(rank_dir),
     )
-    command = torchrun_command(free_port(), "lmim-test", args)
-    run_processes([command, command], child_env(home), tmp_path / "logs", timeout=TIMEOUT)
+    port = free_port()
+    commands = [torchrun_command(port, "lmim-test", args, hosts_store=node == 0) for node in range(2)]
+    run_processes(commands, child_env(home), tmp_path / "logs", timeout=TIMEOUT)
 
     ranks = read_ranks(rank_dir, 2)
     assert sorted(r["rank"]["node_rank"] for r in ranks) == [0, 1]
