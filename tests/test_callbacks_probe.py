@@ -50,5 +50,5 @@ def test_module_without_encode_features_fails_at_setup(quiet_trainer):
 
 
 def test_bad_optimizer_lists_valid():
-    with pytest.raises(ValueError, match="valid: \\['adam', 'sgd'\\]"):
+    with pytest.raises(ValueError, match="valid: \\['lbfgs', 'sgd', 'adam'\\]"):
         LinearProbe(optimizer="lars")

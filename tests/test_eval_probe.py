@@ -36,12 +36,37 @@ def test_probe_on_noisy_onehot_features_beats_90_percent():
     assert full.top1 >= 0.90, full.top1
     adam = train_linear_probe(tx, ty, vx, vy, num_classes=C, optimizer="adam", lr=1e-2)
     assert adam.top1 >= 0.90, adam.top1
+    lbfgs = train_linear_probe(tx, ty, vx, vy, num_classes=C, optimizer="lbfgs", weight_decay=1e-4)
+    assert lbfgs.top1 >= 0.90, lbfgs.top1
 
 
 def test_probe_on_pure_noise_is_about_chance():
     (tx, ty), (vx, vy) = _noise(2000, 0), _noise(2000, 1)
     res = train_linear_probe(tx, ty, vx, vy, num_classes=C)
     assert res.top1 == pytest.approx(1 / C, abs=0.04), res.top1
+    res = train_linear_probe(tx, ty, vx, vy, num_classes=C, optimizer="lbfgs", weight_decay=1e-3)
+    assert res.top1 == pytest.approx(1 / C, abs=0.04), res.top1
+
+
+def test_lbfgs_probe_is_logistic_regression_solved_to_the_optimum():
+    """lbfgs + weight decay wd minimises mean CE + wd/2·||W||² on standardised features: the same
+    problem as scikit-learn's LogisticRegression(C = 1 / (wd·n)) on StandardScaler features, so the
+    two solutions coincide."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    (tx, ty), (vx, vy) = _noisy_onehot(600, 0, noise=1.0), _noisy_onehot(400, 1, noise=1.0)
+    wd = 1e-2
+    res = train_linear_probe(tx, ty, vx, vy, num_classes=C, optimizer="lbfgs", weight_decay=wd, epochs=50)
+    scaler = StandardScaler().fit(tx.double().numpy())
+    ref = LogisticRegression(C=1 / (wd * len(tx)), max_iter=5000, tol=1e-10).fit(scaler.transform(tx.double().numpy()), ty.numpy())
+    torch.testing.assert_close(res.head[1].weight.double(), torch.from_numpy(ref.coef_), atol=2e-3, rtol=0)
+    agree = (res.head(vx).argmax(1).numpy() == ref.predict(scaler.transform(vx.double().numpy()))).mean()
+    assert agree >= 0.99, agree
+    assert res.top1 == pytest.approx(ref.score(scaler.transform(vx.double().numpy()), vy.numpy()), abs=0.01)
+    # it fits where a fixed SGD budget under-fits: on noisy features the optimum is reached, not approached
+    sgd = train_linear_probe(tx, ty, vx, vy, num_classes=C, epochs=1, lr=1e-3)
+    assert res.train_top1 > sgd.train_top1
 
 
 def test_probe_head_is_batchnorm_without_affine_plus_linear_and_deterministic():
@@ -81,7 +106,7 @@ def test_fewshot_indices_and_accuracy():
 
 def test_bad_arguments():
     x, y = torch.randn(10, 4), torch.arange(10) % 2
-    with pytest.raises(ValueError, match="valid: \\['adam', 'sgd'\\]"):
+    with pytest.raises(ValueError, match="valid: \\['lbfgs', 'sgd', 'adam'\\]"):
         train_linear_probe(x, y, x, y, num_classes=2, optimizer="lars")
     with pytest.raises(ValueError, match="expected features"):
         train_linear_probe(x[:, 0], y, x, y, num_classes=2)

@@ -1,10 +1,16 @@
 """Frozen-feature evaluation: linear probe, k-NN and few-shot (pure functions on feature tensors).
 
 The linear probe follows MAGE's head: BatchNorm1d(affine=False) + Linear, only the head trains
-(MAGE uses LARS, batch 4096, 90 epochs on ImageNet; on small data SGD for a few epochs does the
-same job in seconds). SGD is the default: on (nearly) separable data Adam's per-coordinate steps
-weight noise dimensions like signal ones and generalise far worse (measured: 5-shot 0.32 with Adam
-vs 0.78 with SGD on noisy one-hot features); Adam stays available.
+(MAGE uses LARS, batch 4096, 90 epochs on ImageNet). Optimisers:
+- `lbfgs`: full-batch L-BFGS on the L2-regularised cross-entropy, i.e. multinomial logistic
+  regression solved to convergence (the protocol of CLIP's linear probes; what scikit-learn's
+  LogisticRegression does). The probe then measures the features, not the optimiser: minibatch
+  SGD for a fixed budget under-fits ill-conditioned features (measured on a digits MAGE encoder:
+  SGD 30 epochs train/val top-1 0.37/0.36, scikit-learn 0.57 val). Right for up to ~10^5 samples.
+- `sgd` (momentum 0.9, minibatches): for feature sets too large for one batch. On (nearly)
+  separable data Adam's per-coordinate steps weight noise dimensions like signal ones and
+  generalise far worse (measured: 5-shot 0.32 with Adam vs 0.78 with SGD on noisy one-hot
+  features); `adam` stays available.
 k-NN: cosine similarity, the k nearest training features vote with weights exp(sim / T) (the DINO
 protocol; T = 0.07). Few-shot: the linear probe trained on `shots` labelled images per class.
 """
@@ -17,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("lbfgs", "sgd", "adam")
+LBFGS_ITERS_PER_EPOCH = 20  # `epochs` L-BFGS steps of up to this many iterations each
 
 
 @dataclass
@@ -65,8 +72,11 @@ def train_linear_probe(
 ) -> ProbeResult:
     """Train BatchNorm1d(affine=False) + Linear on frozen features; report val top-1.
 
-    `batch_size=None` trains full-batch; SGD has momentum 0.9. Deterministic for a seed; the global
-    RNG is untouched.
+    `batch_size=None` trains full-batch; SGD has momentum 0.9. `lbfgs` is always full-batch and
+    runs up to `epochs` x LBFGS_ITERS_PER_EPOCH iterations (stops early at convergence); its
+    `weight_decay` is the L2 penalty wd/2·||W||² on the linear weights (not the bias). `lr` is
+    ignored by `lbfgs` (strong-Wolfe line search). Deterministic for a seed; the global RNG is
+    untouched.
     """
     _check(train_x, train_y, "train")
     _check(val_x, val_y, "val")
@@ -112,6 +122,9 @@ def _train_linear_probe(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         head = probe_head(tx.shape[1], num_classes).to(device)
+    if optimizer == "lbfgs":
+        _fit_lbfgs(head, tx, ty, epochs=epochs, weight_decay=weight_decay)
+        return ProbeResult(top1=_top1(head, vx, vy), train_top1=_top1(head, tx, ty), head=head.cpu().eval())
     params = head.parameters()
     opt = (
         torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
@@ -132,6 +145,36 @@ def _train_linear_probe(
             loss.backward()
             opt.step()
     return ProbeResult(top1=_top1(head, vx, vy), train_top1=_top1(head, tx, ty), head=head.cpu().eval())
+
+
+def _fit_lbfgs(head: nn.Sequential, x: Tensor, y: Tensor, *, epochs: int, weight_decay: float) -> None:
+    """Full-batch L-BFGS on mean cross-entropy + wd/2·||W||². The BatchNorm standardises with the
+    training set's exact statistics: a cumulative running average over identical full batches."""
+    norm, linear = head[0], head[1]
+    norm.momentum = None  # cumulative average: every batch is the whole set, so running stats = exact
+    head.train()
+    opt = torch.optim.LBFGS(
+        head.parameters(),
+        lr=1.0,
+        max_iter=LBFGS_ITERS_PER_EPOCH,
+        history_size=20,
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(head(x), y) + 0.5 * weight_decay * linear.weight.square().sum()
+        loss.backward()
+        return loss
+
+    previous = None
+    for _ in range(int(epochs)):
+        loss = float(opt.step(closure).detach())
+        if previous is not None and abs(previous - loss) <= 1e-9 * max(1.0, abs(loss)):
+            break  # converged: L-BFGS returned without moving
+        previous = loss
 
 
 @torch.no_grad()
