@@ -11,11 +11,23 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 ROOT_CONFIG = "train"
+
+
+def plain_config(value: Any) -> Any:
+    """OmegaConf containers, dicts and tuples -> plain dicts/lists, so checkpoints that record configs
+    load with `torch.load(weights_only=True)`."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {str(k): plain_config(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_config(v) for v in value]
+    return value
 
 
 def config_dir() -> Path:

@@ -70,8 +70,13 @@ def build_optimizer(
     total_steps: int = 1,
     schedule: str = "constant",
     min_lr_ratio: float = 0.0,
+    groups: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Lightning's `configure_optimizers` return value for one of the papers' recipes."""
+    """Lightning's `configure_optimizers` return value for one of the papers' recipes.
+
+    `groups`: ready parameter groups (e.g. `layer_decay_param_groups` of fine-tuning) instead of the
+    decay / no-decay split of `model`; a group's `lr_scale` multiplies the peak lr, and the warm-up /
+    cosine factor then applies to every group alike."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer '{name}'; valid: {', '.join(OPTIMIZERS)}")
     if name == "adam" and weight_decay > 0:
@@ -82,6 +87,10 @@ def build_optimizer(
             stacklevel=2,
         )
     peak = effective_lr(lr, base_lr, global_batch)
-    optimizer = OPTIMIZERS[name](param_groups(model, weight_decay, decay_norms_and_biases), lr=peak, betas=tuple(betas))
+    if groups is None:
+        groups = param_groups(model, weight_decay, decay_norms_and_biases)
+    else:
+        groups = [{**g, "lr": peak * float(g.get("lr_scale", 1.0))} for g in groups]
+    optimizer = OPTIMIZERS[name](groups, lr=peak, betas=tuple(betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, total_steps, schedule, min_lr_ratio))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -88,7 +88,8 @@ def test_unconditional_layout_and_fake_class():
 
 @pytest.mark.parametrize("bad, match", [
     (dict(arch={**ARCH, "vocab_size": 99}), "vocab_size"),
-    (dict(arch={**ARCH, "input_mode": "continuous"}), "input_mode"),
+    (dict(arch={**ARCH, "input_mode": "continuous", "continuous_dim": 8}), "continuous_dim"),  # derived
+    (dict(arch={**ARCH, "input_mode": "pixels"}), "valid: tokens, continuous"),
     (dict(class_slots=0), "class_slots"),
     (dict(fake_class_id=K + 1), "fake_class_id"),  # the mask id is not a class slot
     (dict(contrastive=True, views={"scael": [0.2, 1]}), "valid: scale, ratio, hflip"),
@@ -546,3 +547,63 @@ def test_imagenet_experiments_are_the_papers_settings(compose, name, size):
     assert cfg.model.loss_reduction == "token_mean" and cfg.model.label_smoothing == 0.1
     assert cfg.evaluation.num_samples == 50000 and list(cfg.evaluation.extractor) == ["inception"]
     assert "linear_probe" in cfg.callbacks
+
+
+# -- input_mode=continuous (the tokens-vs-continuous ablation, paper Table 6) --------------------------
+def test_continuous_input_feeds_unquantized_features_and_keeps_token_targets():
+    m = make(arch={**ARCH, "input_mode": "continuous"}, ratio=fixed(0.5)).eval()  # no dropout
+    assert m.continuous_input and m.mage.continuous_proj.in_features == m.tokenizer.code_dim == 8
+    x = images(4)
+    tokens, cont = m.encoder_inputs((x, torch.zeros(4, dtype=torch.long)))
+    z = m.tokenizer.encode(x)  # (B, D, h, w) before quantisation
+    torch.testing.assert_close(cont, z.flatten(2).transpose(1, 2))
+    assert torch.equal(tokens, m.tokenizer.encode_to_indices(x).flatten(1))  # the target: the codes
+    # the loss is the token loss of the model run on the continuous features
+    out = m.reconstruction(tokens, gen(3), cont)
+    mask, drop = m.sample_masks(4, gen(3))
+    logits = m.mage(None, mask, drop, cont)
+    expected = F.cross_entropy(logits[mask], tokens[mask], label_smoothing=0.1)
+    torch.testing.assert_close(out["loss"], expected)
+    # visible features matter, masked ones do not (they are replaced by the mask embedding)
+    bumped = cont.clone()
+    bumped[mask] += 5.0
+    torch.testing.assert_close(m.mage(None, mask, drop, bumped), m.mage(None, mask, drop, cont), rtol=0, atol=0)
+    bumped = cont.clone()
+    bumped[~mask] += 5.0
+    assert not torch.allclose(m.mage(None, mask, drop, bumped), m.mage(None, mask, drop, cont))
+
+
+def test_continuous_input_trains_and_gives_features_but_needs_images():
+    m = make(arch={**ARCH, "input_mode": "continuous"})
+    loss = m.training_step((images(4), torch.zeros(4, dtype=torch.long)), 0)
+    loss.backward()
+    assert math.isfinite(loss.item()) and m.mage.continuous_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.tokenizer.parameters())
+    assert m.encode_features(images(3)).shape == (3, ARCH["enc_width"])
+    with pytest.raises(ValueError, match="image batches"):
+        m.training_step((tokens(4), torch.zeros(4, dtype=torch.long)), 0)
+    with pytest.raises(NotImplementedError, match="input_mode='tokens'"):
+        m.generate(num_samples=2)
+    c = make_c(arch={**ARCH, "input_mode": "continuous"})  # MAGE-C views go through the same path
+    assert math.isfinite(c.training_step((images(4), torch.zeros(4, dtype=torch.long)), 0).item())
+
+
+def test_generation_callbacks_skip_a_continuous_input_mage_with_a_warning(tmp_path):
+    """The default MAGE callback set must not crash an input_mode=continuous run: FID etc. are
+    skipped with the reason, pictures fall back to the tokenizer's reconstructions."""
+    from types import SimpleNamespace
+
+    from lightning_mim.callbacks import GenerationMetrics, Pictures
+
+    m = make(arch={**ARCH, "input_mode": "continuous"})
+    metrics = GenerationMetrics(extractors=["domain"], cache_dir=tmp_path)
+    with pytest.warns(UserWarning, match="inactive: MAGE with arch.input_mode='continuous' cannot generate"):
+        metrics.setup(None, m, "fit")
+    assert not metrics.active
+    pictures = Pictures(out_dir=tmp_path)
+    with pytest.warns(UserWarning, match="draws no samples.*drawing \\['reconstructions'\\]"):
+        pictures.setup(SimpleNamespace(default_root_dir=tmp_path), m, "fit")
+    assert pictures.active == ["reconstructions"]
+    tokens_mage = make()  # the official token input still generates: both callbacks active
+    pictures.setup(SimpleNamespace(default_root_dir=tmp_path), tokens_mage, "fit")
+    assert pictures.active == ["uncond_grid", "progression", "reconstructions"]

@@ -302,3 +302,19 @@ def test_masked_token_loss_errors():
         masked_token_loss(logits, targets, mask, reduction="sum")
     with pytest.raises(ValueError, match="expected"):
         masked_token_loss(logits[0], targets, mask)
+
+
+def test_encoder_only_has_no_decoder_and_pools_image_tokens():
+    torch.manual_seed(0)
+    full = tiny(dropout=0.0).eval()
+    enc = tiny(dropout=0.0, encoder_only=True).eval()
+    keys = set(enc.state_dict())
+    assert keys < set(full.state_dict())
+    assert not any(k.startswith(("decoder", "mlm_layer", "mask_token")) for k in keys)
+    enc.load_state_dict({k: full.state_dict()[k] for k in keys})
+    t = torch.randint(0, K, (3, 16))
+    raw = full.encode(t, final_norm=False)
+    torch.testing.assert_close(enc.pool(t), raw[:, 1:].mean(1))  # class slot excluded, no final norm
+    torch.testing.assert_close(enc.encode_features(t), full.encode_features(t))
+    with pytest.raises(RuntimeError, match="encoder_only"):
+        enc(t, torch.zeros(3, 16, dtype=torch.bool))

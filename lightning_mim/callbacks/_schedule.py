@@ -1,4 +1,5 @@
-"""When an evaluation callback fires: every n epochs (at validation end) and/or every n optimizer steps."""
+"""What the evaluation callbacks share: when they fire (every n epochs at validation end and/or every
+n optimizer steps) and whether the module can generate at all."""
 
 from __future__ import annotations
 
@@ -65,3 +66,13 @@ def log_metrics(pl_module: Any, prefix: str, metrics: dict[str, float]) -> None:
         trainer.callback_metrics[key] = torch.tensor(value)
     for logger in trainer.loggers:
         logger.log_metrics(named, step=trainer.global_step)
+
+
+def why_no_generation(module: Any) -> str | None:
+    """None if `module.generate()` can sample images, else the reason (no generate(), or the module's
+    own `cannot_generate`, e.g. a MAGE with continuous input), so generation callbacks skip with a
+    warning instead of crashing a run that has other work to do."""
+    if not callable(getattr(module, "generate", None)):
+        return f"{type(module).__name__} has no generate()"
+    return getattr(module, "cannot_generate", None)
+

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_mim.callbacks._schedule import EvalSchedule, log_metrics
+from lightning_mim.callbacks._schedule import EvalSchedule, log_metrics, why_no_generation
 from lightning_mim.eval.extractors import EXTRACTORS, FeatureExtractor, build_extractor, check_inception_weights
 from lightning_mim.eval.generation import evaluate_generation
 
@@ -90,11 +90,12 @@ class GenerationMetrics(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if "inception" in self.extractor_names:
             check_inception_weights(self.inception_weights)  # FileNotFoundError naming file, URL and key
-        self.active = callable(getattr(pl_module, "generate", None))
+        reason = why_no_generation(pl_module)
+        self.active = reason is None
         if not self.active:  # e.g. a tokenizer run with the default callback set: say so, don't fail
             rank_zero_warn(
-                f"GenerationMetrics is inactive: {type(pl_module).__name__} has no generate() "
-                "(tokenizer runs: use `callbacks=tokenizer`, or `callbacks.generation_metrics=null`)"
+                f"GenerationMetrics is inactive: {reason} "
+                "(tokenizer runs: use `callbacks=tokenizer`; otherwise `callbacks.generation_metrics=null`)"
             )
             return
         if self.extractors:

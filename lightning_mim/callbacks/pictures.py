@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from lightning_mim.callbacks._schedule import EvalSchedule
+from lightning_mim.callbacks._schedule import EvalSchedule, why_no_generation
 from lightning_mim.eval.distributed import device_of
 from lightning_mim.eval.extractors import to_uint8
 
@@ -87,7 +88,7 @@ def find_reconstruct(module: Any) -> Callable[[Tensor], Tensor] | None:
 
 def supported_kinds(module: Any) -> list[str]:
     kinds = []
-    if callable(getattr(module, "generate", None)):
+    if why_no_generation(module) is None:
         kinds.append("class_grid" if int(getattr(module, "num_classes", 0) or 0) > 0 else "uncond_grid")
         kinds.append("progression")
     if find_reconstruct(module) is not None:
@@ -143,6 +144,9 @@ class Pictures(pl.Callback):
         supported = supported_kinds(pl_module)
         if self.kinds == "auto":
             self.active = supported
+            reason = why_no_generation(pl_module)
+            if reason and callable(getattr(pl_module, "generate", None)):
+                rank_zero_warn(f"Pictures draws no samples: {reason}; drawing {supported or 'nothing'}")
         else:
             missing = [k for k in self.kinds if k not in supported]
             if missing:

@@ -31,7 +31,6 @@ fake id 1100 (vocab 2025, loads the official checkpoints); digits: S = 1, fake i
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import torch
@@ -50,7 +49,7 @@ from lightning_mim.tokens import TokenLayout
 
 VAL_SEED = 1234  # validation masks come from a fixed generator: val/loss is comparable across steps
 # Keys of `arch` the module sets itself (from the tokenizer, the grid and its own arguments).
-DERIVED_ARCH_KEYS = ("vocab_size", "n_positions", "codebook_size", "fake_class_id", "drop_ratio")
+DERIVED_ARCH_KEYS = ("vocab_size", "n_positions", "codebook_size", "fake_class_id", "drop_ratio", "continuous_dim")
 # MAGE-C view augmentation: torchvision RandomResizedCrop defaults + MAGE's scale range and a flip.
 DEFAULT_VIEWS: dict[str, Any] = {"scale": (0.2, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": True}
 # MAGE's generation defaults (gen_img_uncond.py: --num_iter 20 --temp 6.0, cosine), used for keys
@@ -113,8 +112,10 @@ class MAGEModule(Stage2Module):
     """MAGE (and MAGE-C with `contrastive=True`) pre-training, generation and features.
 
     arch: `nn.mage.MAGE` size keys (enc_width, enc_depth, enc_heads, dec_width, dec_depth,
-        dec_heads, mlp_ratio, dropout, pad_with, attn_fp32); the vocabulary, positions, fake class
-        and drop ratio are derived here.
+        dec_heads, mlp_ratio, dropout, pad_with, attn_fp32) and `input_mode`: `tokens` (official) or
+        `continuous` (the encoder reads the tokenizer's unquantized features, projected; the target
+        stays the token ids; needs image batches, no generation). The vocabulary, positions, fake
+        class, drop ratio and continuous_dim (= the tokenizer's code_dim) are derived here.
     class_slots / fake_class_id: vocabulary layout (see module docstring); fake id default = K.
     drop_ratio: fraction of the N tokens dropped from the encoder input (MAGE 0.5).
     loss_reduction: `token_mean` (MAGE) or `per_sample_mean` (MaskGIT), see `losses.masked_token_loss`.
@@ -156,8 +157,9 @@ class MAGEModule(Stage2Module):
         clash = sorted(set(arch) & set(DERIVED_ARCH_KEYS))
         if clash:
             raise ValueError(f"arch must not set {clash}: they follow from the tokenizer, the grid and the module's arguments")
-        if arch.get("input_mode", "tokens") != "tokens":
-            raise ValueError("MAGEModule trains on token ids only (arch.input_mode='tokens')")
+        # input_mode=continuous (the paper's Table 6 ablation): the encoder reads the tokenizer's
+        # unquantized features (projected), the target stays the token ids; needs image batches.
+        continuous = {"continuous_dim": self.tokenizer.code_dim} if arch.get("input_mode", "tokens") == "continuous" else {}
         fake = self.layout.codebook_size if fake_class_id is None else int(fake_class_id)
         self.mage = MAGE(
             vocab_size=self.layout.vocab_size,
@@ -165,6 +167,7 @@ class MAGEModule(Stage2Module):
             codebook_size=self.layout.codebook_size,
             fake_class_id=fake,
             drop_ratio=float(drop_ratio),
+            **continuous,
             **arch,
         )
         needs_n = "n_tokens" in ratio and ratio["n_tokens"] is None
@@ -190,10 +193,43 @@ class MAGEModule(Stage2Module):
         ratio = self.ratio_sampler(batch, generator, self.device)
         return mage_masks(ratio, self.n_tokens, self.hparams.drop_ratio, generator)
 
-    def reconstruction(self, tokens: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Mask, drop, predict: {"loss", "accuracy" (on masked tokens), "mask", "drop", "encoder_output"}."""
+    @property
+    def continuous_input(self) -> bool:
+        return self.mage.input_mode == "continuous"
+
+    @property
+    def cannot_generate(self) -> str | None:
+        if self.continuous_input:
+            return (
+                "MAGE with arch.input_mode='continuous' cannot generate: decoding feeds sampled token ids "
+                "back, and a continuous-input encoder has no features for them (needs input_mode='tokens')"
+            )
+        return None
+
+    def encoder_inputs(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """(images or tokens, labels) -> (token ids (B, N), continuous features (B, N, D) or None).
+
+        With `input_mode=continuous` both come from one tokenizer pass over the images: the
+        encoder's unquantized output and its nearest codes (the reconstruction target)."""
+        if not self.continuous_input:
+            return self.to_tokens(batch)[0], None
+        images = batch[0]
+        if not images.is_floating_point():
+            raise ValueError(
+                "arch.input_mode='continuous' needs image batches: token shards hold no continuous features "
+                "(use an image DataModule, e.g. data=digits, or input_mode=tokens)"
+            )
+        return self.tokens_and_latents(images)
+
+    def reconstruction(
+        self, tokens: Tensor, generator: torch.Generator | None = None, continuous: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Mask, drop, predict: {"loss", "accuracy" (on masked tokens), "mask", "drop", "encoder_output"}.
+        `continuous` (B, N, D): the encoder input of `input_mode=continuous` (tokens stay the target)."""
         mask, drop = self.sample_masks(tokens.shape[0], generator)
-        logits, inter = self.mage(tokens, mask, drop, return_intermediates=True)
+        logits, inter = self.mage(
+            None if continuous is not None else tokens, mask, drop, continuous, return_intermediates=True
+        )
         loss = masked_token_loss(
             logits, tokens, mask, label_smoothing=self.hparams.label_smoothing, reduction=self.hparams.loss_reduction
         )
@@ -227,8 +263,8 @@ class MAGEModule(Stage2Module):
             raise ValueError("MAGE-C needs image batches (two augmented views per image), got token ids")
         batch = images.shape[0]
         views = torch.cat([self.make_views(images), self.make_views(images)])  # (2B, 3, S, S)
-        tokens, _ = self.to_tokens((views, torch.zeros(2 * batch, dtype=torch.long, device=views.device)))
-        rec = self.reconstruction(tokens)
+        tokens, continuous = self.encoder_inputs((views, torch.zeros(2 * batch, dtype=torch.long, device=views.device)))
+        rec = self.reconstruction(tokens, continuous=continuous)
         z1, z2 = self.project(rec["encoder_output"]).chunk(2)
         con = self.contrastive_loss(z1, z2)
         loss = rec["loss"] + self.hparams.contrastive_weight * con
@@ -241,8 +277,8 @@ class MAGEModule(Stage2Module):
             self.log("train/loss_rec", out["loss_rec"])
             self.log("train/loss_con", out["loss_con"])
         else:
-            tokens, _ = self.to_tokens(batch)
-            out = self.reconstruction(tokens)
+            tokens, continuous = self.encoder_inputs(batch)
+            out = self.reconstruction(tokens, continuous=continuous)
         self.log("train/loss", out["loss"], prog_bar=True)
         self.log("train/masked_acc", out["accuracy"])
         return out["loss"]
@@ -250,44 +286,13 @@ class MAGEModule(Stage2Module):
     def validation_step(self, batch, batch_idx: int) -> None:
         """Reconstruction loss of the un-augmented batch under fixed masks (MAGE-C too)."""
         generator = torch.Generator(device=self.device).manual_seed(VAL_SEED + batch_idx)
-        tokens, _ = self.to_tokens(batch)
-        out = self.reconstruction(tokens, generator)
+        tokens, continuous = self.encoder_inputs(batch)
+        out = self.reconstruction(tokens, generator, continuous)
         self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True)
         self.log("val/masked_acc", out["accuracy"], sync_dist=True)
 
     def configure_optimizers(self):
-        optim = dict(self.hparams.optim)
-        optim.setdefault("total_steps", max(1, int(self.trainer.estimated_stepping_batches)))
-        warmup_epochs = optim.pop("warmup_epochs", None)
-        if warmup_epochs is not None:
-            if optim.get("warmup_steps"):
-                raise ValueError("optim: give warmup_epochs or warmup_steps, not both")
-            optim["warmup_steps"] = round(float(warmup_epochs) * self._steps_per_epoch())
-        if optim.get("lr") is None:
-            optim.setdefault("global_batch", self._global_batch())
-        return build_optimizer(self, **optim)  # only trainable parameters: the tokenizer is frozen
-
-    def _train_loader_ready(self) -> None:
-        # With max_steps set, `estimated_stepping_batches` never loads the data; we need its length.
-        if self.trainer.train_dataloader is None:
-            self.trainer.fit_loop.setup_data()
-
-    def _steps_per_epoch(self) -> int:
-        self._train_loader_ready()
-        batches = self.trainer.num_training_batches
-        if not math.isfinite(batches):
-            raise ValueError("optim.warmup_epochs needs a finite epoch (set data.batches_per_epoch) or use warmup_steps")
-        return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
-
-    def _global_batch(self) -> int:
-        """Images per optimizer step over all ranks: MAGE's `batch_size × accum_iter × world_size`."""
-        per_device = getattr(self.trainer.datamodule, "batch_size", None)
-        if per_device is None:
-            self._train_loader_ready()
-            per_device = getattr(self.trainer.train_dataloader, "batch_size", None)
-        if not per_device:
-            raise ValueError("cannot infer the per-device batch size for base_lr scaling: set model.optim.global_batch")
-        return int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return build_optimizer(self, **self.resolved_optim())  # only trainable parameters: the tokenizer is frozen
 
     # -- generation and features ------------------------------------------------------------------------
     @property
@@ -298,6 +303,8 @@ class MAGEModule(Stage2Module):
         """Unconditional MaskGIT decoding with the full encoder (no drop; mask = mask-id positions)."""
         if labels is not None:
             raise ValueError("MAGE generates unconditionally: pass labels=None and num_samples")
+        if self.cannot_generate:
+            raise NotImplementedError(self.cannot_generate)
         settings = {**self.decode_settings, **overrides}
         if float(settings.get("guidance", 0.0) or 0.0) > 0:
             raise ValueError("MAGE is unconditional: classifier-free guidance (decode.guidance > 0) does not apply")
@@ -319,10 +326,12 @@ class MAGEModule(Stage2Module):
     def encode_features(self, images: Tensor, layer: int | None = None) -> Tensor:
         """(B, 3, H, W) images (or (B, N) tokens) -> (B, enc_width): the unmasked encoder's mean
         image-token output, LayerNorm-ed (the linear-probe features). Runs in eval mode (no dropout)."""
-        tokens, _ = self.to_tokens((images, torch.zeros(len(images), dtype=torch.long, device=images.device)))
+        tokens, continuous = self.encoder_inputs((images, torch.zeros(len(images), dtype=torch.long, device=images.device)))
         was_training = self.training
         self.eval()
         try:
+            if continuous is not None:
+                return self.mage.encode_features(None, continuous=continuous, layer=layer, norm=self.hparams.feature_norm)
             return self.mage.encode_features(tokens, layer=layer, norm=self.hparams.feature_norm)
         finally:
             self.train(was_training)

@@ -99,11 +99,7 @@ class MaskGITModule(Stage2Module):
         self.log("val/masked_acc", accuracy, sync_dist=True)
 
     def configure_optimizers(self):
-        optim = dict(self.hparams.optim)
-        optim.setdefault("total_steps", max(1, int(self.trainer.estimated_stepping_batches)))
-        if optim.get("base_lr") is not None:
-            optim.setdefault("global_batch", self.global_batch())
-        return build_optimizer(self.transformer, **optim)
+        return build_optimizer(self.transformer, **self.resolved_optim())
 
     # -- generation and features -----------------------------------------------------------------
     def generate_tokens(self, labels, num_samples, generator=None, return_steps=False, **overrides):

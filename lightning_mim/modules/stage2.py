@@ -7,6 +7,8 @@ weights are part of the stage-2 checkpoint, so a checkpoint alone is enough to g
 
 from __future__ import annotations
 
+import inspect
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,12 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from lightning_mim.config import plain_config
+from lightning_mim.optim import build_optimizer
 from lightning_mim.tokens import TokenLayout
 
+# `model.optim` keys: `optim.build_optimizer`'s arguments plus warm-up given in epochs.
+OPTIM_KEYS = frozenset(inspect.signature(build_optimizer).parameters) - {"model", "groups"} | {"warmup_epochs"}
 MASKED_CELL_GREY = 0.5  # how still-masked latent cells are painted in decoding-progression pictures
 
 
@@ -63,6 +69,15 @@ class Stage2Module(pl.LightningModule):
         return data.reshape(data.shape[0], -1).long(), labels.long()
 
     @torch.no_grad()
+    def tokens_and_latents(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, 3, H, W) images -> ((B, N) int64 codes, (B, N, D) unquantized encoder features), from ONE
+        tokenizer pass: the continuous-input ablation (MAGE Table 6) feeds the features and keeps the
+        codes as its target."""
+        z = self.tokenizer.encode(images)  # (B, D, h, w), before quantisation
+        tokens = self.tokenizer.quantize_latents(z).indices.reshape(z.shape[0], -1).long()
+        return tokens, z.flatten(2).transpose(1, 2)
+
+    @torch.no_grad()
     def tokens_to_images(self, tokens: Tensor) -> Tensor:
         """(B, N) codes -> (B, 3, H, W) images in [0, 1]; mask ids are painted grey."""
         masked = tokens >= self.layout.codebook_size
@@ -79,9 +94,44 @@ class Stage2Module(pl.LightningModule):
         """Samples per optimizer step over all ranks (per-device batch × world size × accumulation):
         the batch of MAGE's lr rule lr = base_lr · global_batch / 256."""
         per_device = getattr(self.trainer.datamodule, "batch_size", None)
+        if per_device is None:
+            self._train_loader_ready()
+            per_device = getattr(self.trainer.train_dataloader, "batch_size", None)
         if not per_device:
             raise ValueError("cannot infer the per-device batch size for base_lr scaling: set model.optim.global_batch")
         return int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def _train_loader_ready(self) -> None:
+        # With max_steps set, `estimated_stepping_batches` never loads the data; we need its length.
+        if self.trainer.train_dataloader is None:
+            self.trainer.fit_loop.setup_data()
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per training epoch (for warm-ups given in epochs, as the papers do)."""
+        self._train_loader_ready()
+        batches = self.trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise ValueError("optim.warmup_epochs needs a finite epoch (set data.batches_per_epoch) or use warmup_steps")
+        return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
+
+    def resolved_optim(self) -> dict[str, Any]:
+        """`hparams.optim` with what needs the trainer filled in, ready for `optim.build_optimizer`:
+        total_steps (default: the run's), warmup_epochs -> warmup_steps, and the global batch of the
+        base_lr rule when no absolute lr is given."""
+        optim = dict(self.hparams.optim)
+        unknown = sorted(set(optim) - OPTIM_KEYS)
+        if unknown:
+            raise ValueError(f"unknown optim key(s) {unknown}; valid: {', '.join(sorted(OPTIM_KEYS))}")
+        if optim.get("total_steps") is None:
+            optim["total_steps"] = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup_epochs = optim.pop("warmup_epochs", None)
+        if warmup_epochs is not None:
+            if optim.get("warmup_steps"):
+                raise ValueError("optim: give warmup_epochs or warmup_steps, not both")
+            optim["warmup_steps"] = round(float(warmup_epochs) * self.steps_per_epoch())
+        if optim.get("lr") is None:
+            optim.setdefault("global_batch", self.global_batch())
+        return optim
 
     # -- generation --------------------------------------------------------------------------------
     @property
@@ -93,6 +143,11 @@ class Stage2Module(pl.LightningModule):
         if self.num_classes == 0:
             return None
         return torch.arange(num_samples, device=self.device) % self.num_classes
+
+    @property
+    def cannot_generate(self) -> str | None:
+        """None when `generate()` works; else why not (generation callbacks then skip with a warning)."""
+        return None
 
     def generate_tokens(self, labels: Tensor | None, num_samples: int, generator=None, return_steps=False, **overrides):
         raise NotImplementedError
@@ -131,13 +186,4 @@ class Stage2Module(pl.LightningModule):
         config named another (e.g. `tokenizer.ckpt` pointing at the official f=16 weights)."""
         hparams = checkpoint.get("hyper_parameters")
         if isinstance(hparams, dict) and isinstance(hparams.get("tokenizer"), dict):
-            hparams["tokenizer"] = {**hparams["tokenizer"], "arch": _plain(self.tokenizer.config)}
-
-
-def _plain(value: Any) -> Any:
-    """Lists/dicts/scalars only, so `torch.load(weights_only=True)` can read the checkpoint."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+            hparams["tokenizer"] = {**hparams["tokenizer"], "arch": plain_config(self.tokenizer.config)}

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from lightning_mim.config import plain_config
 from lightning_mim.nn.discriminator import (
     GAN_LOSSES,
     PatchDiscriminator,
@@ -65,22 +66,6 @@ def _merge(name: str, given: Mapping[str, Any] | None, defaults: dict[str, Any])
     return {**defaults, **given}
 
 
-def _plain(value: Any) -> Any:
-    """OmegaConf containers -> python dicts/lists, so checkpoints load with weights_only=True."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
 class TokenizerModule(pl.LightningModule):
     """Trains a `VQGAN` (`self.vqgan`); plain-dict arguments make checkpoints self-describing.
 
@@ -99,7 +84,7 @@ class TokenizerModule(pl.LightningModule):
         num_logged_images: int = 16,
     ) -> None:
         super().__init__()
-        vqgan, loss, optim = _plain(vqgan), _plain(loss or {}), _plain(optim or {})
+        vqgan, loss, optim = plain_config(vqgan), plain_config(loss or {}), plain_config(optim or {})
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.loss_cfg = _merge("loss", loss, LOSS_DEFAULTS)

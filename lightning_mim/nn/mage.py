@@ -51,6 +51,7 @@ class MAGE(nn.Module):
         input_mode: str = "tokens",
         continuous_dim: int | None = None,
         attn_fp32: bool = True,
+        encoder_only: bool = False,
     ) -> None:
         super().__init__()
         if pad_with not in PAD_WITH:
@@ -76,6 +77,9 @@ class MAGE(nn.Module):
         self.drop_ratio = drop_ratio
         self.pad_with = pad_with
         self.input_mode = input_mode
+        # Fine-tuning and probing need the encoder alone: no decoder parameters that would sit unused
+        # (DDP would then need find_unused_parameters); the parameter names stay those of the full model.
+        self.encoder_only = bool(encoder_only)
 
         self.token_emb = TokenEmbedding(vocab_size, n_positions, enc_width, dropout=dropout, ln_eps=LN_EPS)
         self.continuous_proj = nn.Linear(continuous_dim, enc_width) if input_mode == "continuous" else None
@@ -91,12 +95,14 @@ class MAGE(nn.Module):
 
         self.blocks = blocks(enc_width, enc_depth, enc_heads)
         self.norm = nn.LayerNorm(enc_width, eps=LN_EPS)
-        self.decoder_embed = nn.Linear(enc_width, dec_width)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_width)) if pad_with == "mask_token" else None
-        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, n_positions, dec_width))
-        self.decoder_blocks = blocks(dec_width, dec_depth, dec_heads)
-        self.decoder_norm = nn.LayerNorm(dec_width, eps=LN_EPS)
-        self.mlm_layer = MLMHead(dec_width, enc_width, vocab_size, ln_eps=MLM_LN_EPS, detach_embedding=True)
+        self.mask_token = None
+        if not self.encoder_only:
+            self.decoder_embed = nn.Linear(enc_width, dec_width)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_width)) if pad_with == "mask_token" else None
+            self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, n_positions, dec_width))
+            self.decoder_blocks = blocks(dec_width, dec_depth, dec_heads)
+            self.decoder_norm = nn.LayerNorm(dec_width, eps=LN_EPS)
+            self.mlm_layer = MLMHead(dec_width, enc_width, vocab_size, ln_eps=MLM_LN_EPS, detach_embedding=True)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -111,6 +117,8 @@ class MAGE(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=0.02)
+        if self.encoder_only:
+            return
         nn.init.normal_(self.decoder_pos_embed_learned, std=0.02)
         if self.mask_token is not None:
             nn.init.normal_(self.mask_token, std=0.02)
@@ -224,9 +232,23 @@ class MAGE(nn.Module):
         """
         if norm not in FEATURE_NORMS:
             raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(FEATURE_NORMS)}")
-        x, _ = self._encode(tokens, None, None, continuous, final_norm=norm == "encoder", layer=layer)
-        pooled = x[:, 1:].mean(dim=1)
+        pooled = self.pool(tokens, continuous=continuous, layer=layer, final_norm=norm == "encoder")
         return F.layer_norm(pooled, pooled.shape[-1:], eps=LN_EPS)
+
+    def pool(
+        self,
+        tokens: Tensor | None,
+        *,
+        continuous: Tensor | None = None,
+        layer: int | None = None,
+        final_norm: bool = False,
+    ) -> Tensor:
+        """(B, enc_width) mean of the N image-token outputs of the unmasked encoder (class slot
+        excluded), no normalisation after pooling. Differentiable: the fine-tuning path
+        (`models_vit_mage.py --global_pool`: blocks -> mean over image tokens -> fc_norm -> head; the
+        encoder's final `norm` is not used, hence `final_norm=False`)."""
+        x, _ = self._encode(tokens, None, None, continuous, final_norm=final_norm, layer=layer)
+        return x[:, 1:].mean(dim=1)
 
     # -- full model ---------------------------------------------------------------------------------
     def forward(
@@ -245,6 +267,8 @@ class MAGE(nn.Module):
         embedding, `encoder_output` (after the final norm), `pad` (B, 1, dec) the vector put at masked
         positions, `decoder_input` (B, 1+N, dec) before the decoder position embedding, `keep`.
         """
+        if self.encoder_only:
+            raise RuntimeError("this MAGE was built with encoder_only=True: it has no decoder (use encode/pool/encode_features)")
         x, inter = self._encode(tokens, mask, drop, continuous)
         inter["encoder_output"] = x
         B, kept, _ = x.shape
