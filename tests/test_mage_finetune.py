@@ -367,3 +367,15 @@ def test_unknown_optim_key_lists_the_valid_ones(ckpt):
     m = finetune(path, optim={"lr": 1e-3, "warmup": 3})
     with pytest.raises(ValueError, match=r"unknown optim key\(s\) \['warmup'\]; valid: .*warmup_epochs"):
         m.configure_optimizers()
+
+
+def test_imagenet_finetune_experiment_is_the_official_recipe(tmp_path):
+    """LTH14/mage README "Fine-tuning" (ViT-B): 4 x 8 GPUs x 32, blr 2.5e-4, layer decay 0.65, wd 0.05,
+    100 epochs with 5 warm-up, label smoothing 0.1, mixup 0.8 / cutmix 1.0, global pool + fc_norm."""
+    cfg = compose(["experiment=imagenet256_mage_b_finetune", f"paths.home={tmp_path}", "model.pretrained=x.pth"])
+    m, o, t = cfg.model, cfg.model.optim, cfg.trainer
+    assert m._target_.endswith("MAGEFinetuneModule") and m.head_norm == "layernorm" and m.init == "pretrained"
+    assert (m.layer_decay, m.label_smoothing, m.mixup, m.cutmix, m.mixup_switch_prob) == (0.65, 0.1, 0.8, 1.0, 0.5)
+    assert (o.base_lr, o.weight_decay, o.warmup_epochs, list(o.betas), o.schedule) == (2.5e-4, 0.05, 5, [0.9, 0.999], "cosine")
+    assert o.min_lr_ratio * o.base_lr * 1024 / 256 == pytest.approx(1e-6)
+    assert cfg.data.batch_size * t.devices * t.num_nodes == 1024 and t.max_epochs == 100 and cfg.data.image_size == 256

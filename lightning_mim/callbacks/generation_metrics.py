@@ -93,10 +93,8 @@ class GenerationMetrics(pl.Callback):
         reason = why_no_generation(pl_module)
         self.active = reason is None
         if not self.active:  # e.g. a tokenizer run with the default callback set: say so, don't fail
-            rank_zero_warn(
-                f"GenerationMetrics is inactive: {reason} "
-                "(tokenizer runs: use `callbacks=tokenizer`; otherwise `callbacks.generation_metrics=null`)"
-            )
+            hint = "callbacks.generation_metrics=null" if callable(getattr(pl_module, "generate", None)) else "callbacks=tokenizer"
+            rank_zero_warn(f"GenerationMetrics is inactive: {reason} (set `{hint}` to silence this)")
             return
         if self.extractors:
             return
