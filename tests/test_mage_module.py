@@ -554,7 +554,7 @@ def test_continuous_input_feeds_unquantized_features_and_keeps_token_targets():
     m = make(arch={**ARCH, "input_mode": "continuous"}, ratio=fixed(0.5)).eval()  # no dropout
     assert m.continuous_input and m.mage.continuous_proj.in_features == m.tokenizer.code_dim == 8
     x = images(4)
-    tokens, cont = m.encoder_inputs((x, torch.zeros(4, dtype=torch.long)))
+    tokens, cont = m.model_inputs(x, m.continuous_input)
     z = m.tokenizer.encode(x)  # (B, D, h, w) before quantisation
     torch.testing.assert_close(cont, z.flatten(2).transpose(1, 2))
     assert torch.equal(tokens, m.tokenizer.encode_to_indices(x).flatten(1))  # the target: the codes

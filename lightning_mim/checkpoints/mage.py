@@ -86,6 +86,16 @@ def _infer_size(state: Mapping[str, Tensor]) -> str:
     raise ValueError(f"checkpoint encoder (width {width}, depth {depth}) matches no official size; pass config=")
 
 
+def torch_load_mage(
+    path: str | Path, *, weights_only: bool = True, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """`torch.load` of a MAGE checkpoint (official or ours). The official `save_model` also pickles
+    `args` (an argparse.Namespace, a plain attribute bag): that one class is allowed, so
+    `weights_only=True` loads the real files."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+
+
 def load_mage(
     path: str | Path | Mapping[str, Any],
     size: str | None = "base",
@@ -108,10 +118,7 @@ def load_mage(
     if isinstance(path, Mapping):
         ckpt = path
     else:
-        # The official `save_model` also pickles `args` (an argparse.Namespace, a plain attribute bag):
-        # allow that one class so `weights_only=True` loads the real files.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location=map_location, weights_only=weights_only)
+        ckpt = torch_load_mage(path, weights_only=weights_only, map_location=map_location)
     state = ckpt["model"] if "model" in ckpt and isinstance(ckpt["model"], Mapping) else ckpt
     if size is None:
         size = _infer_size(state)

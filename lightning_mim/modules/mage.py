@@ -206,30 +206,13 @@ class MAGEModule(Stage2Module):
             )
         return None
 
-    def encoder_inputs(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
-        """(images or tokens, labels) -> (token ids (B, N), continuous features (B, N, D) or None).
-
-        With `input_mode=continuous` both come from one tokenizer pass over the images: the
-        encoder's unquantized output and its nearest codes (the reconstruction target)."""
-        if not self.continuous_input:
-            return self.to_tokens(batch)[0], None
-        images = batch[0]
-        if not images.is_floating_point():
-            raise ValueError(
-                "arch.input_mode='continuous' needs image batches: token shards hold no continuous features "
-                "(use an image DataModule, e.g. data=digits, or input_mode=tokens)"
-            )
-        return self.tokens_and_latents(images)
-
     def reconstruction(
         self, tokens: Tensor, generator: torch.Generator | None = None, continuous: Tensor | None = None
     ) -> dict[str, Tensor]:
         """Mask, drop, predict: {"loss", "accuracy" (on masked tokens), "mask", "drop", "encoder_output"}.
         `continuous` (B, N, D): the encoder input of `input_mode=continuous` (tokens stay the target)."""
         mask, drop = self.sample_masks(tokens.shape[0], generator)
-        logits, inter = self.mage(
-            None if continuous is not None else tokens, mask, drop, continuous, return_intermediates=True
-        )
+        logits, inter = self.mage(tokens, mask, drop, continuous, return_intermediates=True)
         loss = masked_token_loss(
             logits, tokens, mask, label_smoothing=self.hparams.label_smoothing, reduction=self.hparams.loss_reduction
         )
@@ -261,9 +244,8 @@ class MAGEModule(Stage2Module):
         """MAGE-C losses of an image batch: {"loss", "loss_rec", "loss_con", "accuracy"}."""
         if not images.is_floating_point():
             raise ValueError("MAGE-C needs image batches (two augmented views per image), got token ids")
-        batch = images.shape[0]
         views = torch.cat([self.make_views(images), self.make_views(images)])  # (2B, 3, S, S)
-        tokens, continuous = self.encoder_inputs((views, torch.zeros(2 * batch, dtype=torch.long, device=views.device)))
+        tokens, continuous = self.model_inputs(views, self.continuous_input)
         rec = self.reconstruction(tokens, continuous=continuous)
         z1, z2 = self.project(rec["encoder_output"]).chunk(2)
         con = self.contrastive_loss(z1, z2)
@@ -277,7 +259,7 @@ class MAGEModule(Stage2Module):
             self.log("train/loss_rec", out["loss_rec"])
             self.log("train/loss_con", out["loss_con"])
         else:
-            tokens, continuous = self.encoder_inputs(batch)
+            tokens, continuous = self.model_inputs(batch[0], self.continuous_input)
             out = self.reconstruction(tokens, continuous=continuous)
         self.log("train/loss", out["loss"], prog_bar=True)
         self.log("train/masked_acc", out["accuracy"])
@@ -286,7 +268,7 @@ class MAGEModule(Stage2Module):
     def validation_step(self, batch, batch_idx: int) -> None:
         """Reconstruction loss of the un-augmented batch under fixed masks (MAGE-C too)."""
         generator = torch.Generator(device=self.device).manual_seed(VAL_SEED + batch_idx)
-        tokens, continuous = self.encoder_inputs(batch)
+        tokens, continuous = self.model_inputs(batch[0], self.continuous_input)
         out = self.reconstruction(tokens, generator, continuous)
         self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True)
         self.log("val/masked_acc", out["accuracy"], sync_dist=True)
@@ -326,12 +308,10 @@ class MAGEModule(Stage2Module):
     def encode_features(self, images: Tensor, layer: int | None = None) -> Tensor:
         """(B, 3, H, W) images (or (B, N) tokens) -> (B, enc_width): the unmasked encoder's mean
         image-token output, LayerNorm-ed (the linear-probe features). Runs in eval mode (no dropout)."""
-        tokens, continuous = self.encoder_inputs((images, torch.zeros(len(images), dtype=torch.long, device=images.device)))
+        tokens, continuous = self.model_inputs(images, self.continuous_input)
         was_training = self.training
         self.eval()
         try:
-            if continuous is not None:
-                return self.mage.encode_features(None, continuous=continuous, layer=layer, norm=self.hparams.feature_norm)
-            return self.mage.encode_features(tokens, layer=layer, norm=self.hparams.feature_norm)
+            return self.mage.encode_features(tokens, continuous=continuous, layer=layer, norm=self.hparams.feature_norm)
         finally:
             self.train(was_training)

@@ -31,7 +31,6 @@ Not reproduced: stochastic depth (drop_path 0.1; our blocks have none), RandAugm
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
+from lightning_mim.checkpoints.mage import torch_load_mage
 from lightning_mim.config import plain_config
 from lightning_mim.modules.stage2 import Stage2Module
 from lightning_mim.nn.mage import LN_EPS, MAGE
@@ -144,12 +144,6 @@ class _MaybeMix(nn.Module):
 
 
 # -- loading the pre-trained encoder ---------------------------------------------------------------
-def _torch_load(path: Path, weights_only: bool) -> dict[str, Any]:
-    # Official files pickle their argparse Namespace next to the weights: allow only that class.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
-
-
 def load_pretrained(
     path: str | Path,
     *,
@@ -171,7 +165,7 @@ def load_pretrained(
         raise FileNotFoundError(
             f"model.pretrained={path}: no such checkpoint file (a last.ckpt of experiment=digits_mage, or an official MAGE .pth)"
         )
-    ckpt = _torch_load(path, weights_only)
+    ckpt = torch_load_mage(path, weights_only=weights_only)
     if checkpoint_format == "auto":
         checkpoint_format = "lightning" if "state_dict" in ckpt and "hyper_parameters" in ckpt else "official"
     if checkpoint_format == "lightning":
@@ -293,7 +287,7 @@ class MAGEFinetuneModule(Stage2Module):
         self.encoder = MAGE(**enc_kwargs)
         self.encoder.token_emb.dropout.p = float(embed_dropout)
         self.encoder.norm = nn.Identity()  # official --global_pool: the final norm is deleted, fc_norm used
-        if self.encoder.input_mode == "continuous" and self.encoder.continuous_proj.in_features != self.tokenizer.code_dim:
+        if self.continuous_input and self.encoder.continuous_proj.in_features != self.tokenizer.code_dim:
             raise ValueError("continuous_dim of the pre-trained encoder differs from the tokenizer's code_dim")
         if loaded is not None:
             if loaded["tokenizer_state"] is not None:
@@ -321,20 +315,13 @@ class MAGEFinetuneModule(Stage2Module):
         self.encoder.load_state_dict({k: state[k] for k in wanted})
 
     # -- forward -----------------------------------------------------------------------------------------
-    def encoder_inputs(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(B, 3, H, W) in [0, 1] (or (B, N) token ids) -> (token ids (B, N), unquantized features
-        (B, N, D) for continuous input, else None)."""
-        if self.encoder.input_mode != "continuous":
-            return self.to_tokens((images, images.new_zeros(len(images))))[0], None
-        if not images.is_floating_point():
-            raise ValueError("continuous input needs image batches (token shards hold no continuous features)")
-        return self.tokens_and_latents(images)
+    @property
+    def continuous_input(self) -> bool:
+        return self.encoder.input_mode == "continuous"
 
     def forward(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) images (or (B, N) token ids) -> class logits (B, num_classes)."""
-        tokens, continuous = self.encoder_inputs(images)
-        if continuous is not None:
-            tokens = None
+        tokens, continuous = self.model_inputs(images, self.continuous_input)
         pooled = self.encoder.pool(tokens, continuous=continuous)
         return self.head(self.fc_norm(pooled))
 
@@ -403,9 +390,8 @@ class MAGEFinetuneModule(Stage2Module):
         was_training = self.training
         self.eval()
         try:
-            tokens, continuous = self.encoder_inputs(images)
-            pooled = self.encoder.pool(None if continuous is not None else tokens, continuous=continuous, layer=layer)
-            return F.layer_norm(pooled, pooled.shape[-1:], eps=LN_EPS)
+            tokens, continuous = self.model_inputs(images, self.continuous_input)
+            return self.encoder.encode_features(tokens, continuous=continuous, layer=layer)
         finally:
             self.train(was_training)
 

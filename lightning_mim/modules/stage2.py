@@ -68,6 +68,18 @@ class Stage2Module(pl.LightningModule):
             data = self.tokenizer.encode_to_indices(data)
         return data.reshape(data.shape[0], -1).long(), labels.long()
 
+    def model_inputs(self, data: Tensor, continuous: bool) -> tuple[Tensor, Tensor | None]:
+        """Images or token ids -> (token ids (B, N), unquantized features (B, N, D) when `continuous`
+        else None). Continuous input (MAGE's Table 6 ablation) needs images: token shards hold no features."""
+        if not continuous:
+            return self.to_tokens((data, data.new_zeros(len(data))))[0], None
+        if not data.is_floating_point():
+            raise ValueError(
+                "arch.input_mode='continuous' needs image batches: token shards hold no continuous features "
+                "(use an image DataModule, e.g. data=digits, or input_mode=tokens)"
+            )
+        return self.tokens_and_latents(data)
+
     @torch.no_grad()
     def tokens_and_latents(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """(B, 3, H, W) images -> ((B, N) int64 codes, (B, N, D) unquantized encoder features), from ONE
