@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from lightning_mim.config import ConfigError, compose, flatten, group_options, section_hash
+from lightning_mim.orchestration.config import ConfigError, compose, flatten, group_options, section_hash
 
 
 def test_default_config_is_digits_maskgit():

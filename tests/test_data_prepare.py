@@ -14,7 +14,7 @@ from PIL import Image
 from lightning_mim.data import ImageFolderDataModule, read_manifest, shard_urls
 from lightning_mim.data.folder import load_image, scan_image_folder, stratified_split
 from lightning_mim.data.pipeline import iter_image_samples
-from lightning_mim.data.prepare import main
+from lightning_mim.orchestration.prepare import main
 
 
 def _save(path: Path, size: tuple[int, int], seed: int, fmt: str = "PNG") -> None:

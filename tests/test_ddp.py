@@ -53,7 +53,7 @@ def val_split_hashes(overrides: list[str]) -> list[str]:
     from hydra.utils import instantiate
 
     from lightning_mim.callbacks.rank_data import sample_hashes
-    from lightning_mim.config import absolutize_paths, compose
+    from lightning_mim.orchestration.config import absolutize_paths, compose
 
     cfg = compose(overrides)
     absolutize_paths(cfg)
@@ -111,7 +111,7 @@ def test_per_rank_seed_keeps_rank_zero_and_separates_ranks():
 
 
 def test_ddp_config_is_lightning_ddp():
-    from lightning_mim.config import compose
+    from lightning_mim.orchestration.config import compose
 
     cfg = compose(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"])
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 2 and cfg.trainer.num_nodes == 1
@@ -120,7 +120,7 @@ def test_ddp_config_is_lightning_ddp():
 def test_torchrun_config_reads_the_launchers_world(monkeypatch):
     from omegaconf import OmegaConf
 
-    from lightning_mim.config import compose
+    from lightning_mim.orchestration.config import compose
 
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun --nproc-per-node 4
     monkeypatch.setenv("GROUP_WORLD_SIZE", "3")  # torchrun --nnodes 3
@@ -151,7 +151,7 @@ def test_slurm_config_gives_lightning_the_allocations_ranks(monkeypatch):
     from lightning.pytorch.plugins.environments import SLURMEnvironment
     from omegaconf import OmegaConf
 
-    from lightning_mim.config import compose
+    from lightning_mim.orchestration.config import compose
 
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)

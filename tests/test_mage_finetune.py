@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from lightning_mim.config import compose
+from lightning_mim.orchestration.config import compose
 from lightning_mim.data.digits import digits_arrays
 from lightning_mim.optim import build_optimizer
 from lightning_mim.modules.mage import MAGEModule

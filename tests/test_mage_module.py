@@ -472,7 +472,7 @@ NEEDED = {"tokenizer/tiny.yaml": "ckpt: null\narch: {}\n", "tokenizer/maskgit_f1
 @pytest.fixture
 def compose(tmp_path, monkeypatch):
     """`config.compose` on conf/; groups other helpers have not written yet get empty stand-ins."""
-    from lightning_mim.config import compose
+    from lightning_mim.orchestration.config import compose
 
     missing = [name for name in NEEDED if not (CONF / name).is_file()]
     if missing:

@@ -98,7 +98,7 @@ def default_optimizer(module: MaskGITModule, **changes) -> torch.optim.Optimizer
     """The optimiser of conf/model/maskgit.yaml (name, betas, weight decay), with `changes`."""
     from omegaconf import OmegaConf
 
-    from lightning_mim.config import config_dir
+    from lightning_mim.orchestration.config import config_dir
     from lightning_mim.optim import build_optimizer
 
     optim = OmegaConf.to_container(OmegaConf.load(config_dir() / "model" / "maskgit.yaml").optim)

@@ -3,8 +3,8 @@
 import optuna
 import pytest
 
-from lightning_mim.config import ConfigError
-from lightning_mim.sweep_spec import parse
+from lightning_mim.orchestration.config import ConfigError
+from lightning_mim.orchestration.sweep_spec import parse
 
 
 def test_grid_is_cartesian_product():
@@ -71,8 +71,8 @@ def test_pruner_option_defaults_by_sweep_kind_and_rejects_unknown_names():
 
 
 def test_pruning_callback_comes_from_the_trial_environment(monkeypatch):
-    from lightning_mim.callbacks.optuna_pruning import OptunaPruning, from_env
-    from lightning_mim.pruning import TRIAL_ENV, build_pruner, trial_env
+    from lightning_mim.orchestration.pruning_callback import OptunaPruning, from_env
+    from lightning_mim.orchestration.pruning import TRIAL_ENV, build_pruner, trial_env
 
     monkeypatch.delenv(TRIAL_ENV, raising=False)
     assert from_env() is None  # outside a sweep

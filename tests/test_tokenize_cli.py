@@ -12,7 +12,7 @@ import torch
 from lightning_mim.checkpoints.vqgan import build_vqgan
 from lightning_mim.data.pipeline import iter_image_samples
 from lightning_mim.data.shards import read_manifest, shard_urls, write_image_shards
-from lightning_mim.tokenize import TokenizerMismatchError, check_token_manifest, main, sha256_file, tokenize_shards
+from lightning_mim.orchestration.tokenize import TokenizerMismatchError, check_token_manifest, main, sha256_file, tokenize_shards
 
 ARCH = dict(base_channels=8, channel_multipliers=[1, 2], num_res_blocks=1, codebook_size=32, code_dim=4, norm_groups=4)
 

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from lightning_mim.checkpoints.mage import torch_load_mage
-from lightning_mim.config import plain_config
+from lightning_mim.modules.hparams import plain_config
 from lightning_mim.modules.stage2 import Stage2Module
 from lightning_mim.nn.mage import LN_EPS, MAGE
 from lightning_mim.optim import build_optimizer

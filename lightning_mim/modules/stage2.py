@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_mim.config import plain_config
+from lightning_mim.modules.hparams import plain_config
 from lightning_mim.optim import build_optimizer
 from lightning_mim.tokens import TokenLayout
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from lightning_mim.config import plain_config
+from lightning_mim.modules.hparams import plain_config
 from lightning_mim.nn.discriminator import (
     GAN_LOSSES,
     PatchDiscriminator,

@@ -1,6 +1,6 @@
 """What the sweep driver and a trial's training process share about Optuna: the named pruners, the
 RDB storage, and the environment entry through which the driver hands a trial to its training process
-(see `lightning_mim.callbacks.optuna_pruning`). Only optuna is imported: the driver stays light."""
+(see `lightning_mim.orchestration.pruning_callback`). Only optuna is imported: the driver stays light."""
 
 from __future__ import annotations
 

@@ -11,29 +11,17 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 ROOT_CONFIG = "train"
-
-
-def plain_config(value: Any) -> Any:
-    """OmegaConf containers, dicts and tuples -> plain dicts/lists, so checkpoints that record configs
-    load with `torch.load(weights_only=True)`."""
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, Mapping):
-        return {str(k): plain_config(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain_config(v) for v in value]
-    return value
 
 
 def config_dir() -> Path:
     """The `conf/` directory (env LIGHTNING_MIM_CONF overrides; default: beside the package)."""
     env = os.environ.get("LIGHTNING_MIM_CONF")
-    path = Path(env) if env else Path(__file__).resolve().parent.parent / "conf"
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
     if not (path / f"{ROOT_CONFIG}.yaml").is_file():
         raise FileNotFoundError(
             f"config directory {path} has no {ROOT_CONFIG}.yaml; install the project editable "

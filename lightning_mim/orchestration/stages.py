@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from lightning_mim.config import compose, section_hash
+from lightning_mim.orchestration.config import compose, section_hash
 from lightning_mim.locks import file_lock
 
 DONE_FILE = "done.json"
@@ -61,7 +61,7 @@ def stage_key(cfg: DictConfig) -> str:
 
 def ensure_tokenizer(cfg: DictConfig) -> Path:
     """Path of a trained tokenizer for `cfg`, training it once if no cached one exists."""
-    from lightning_mim.train import run
+    from lightning_mim.orchestration.train import run
 
     if not cfg.tokenizer.get("train_experiment"):
         raise ValueError(

@@ -22,7 +22,7 @@ from typing import Any
 import lightning.pytorch as pl
 import optuna
 
-from lightning_mim.pruning import TRIAL_ENV, build_pruner, rdb_storage
+from lightning_mim.orchestration.pruning import TRIAL_ENV, build_pruner, rdb_storage
 
 log = logging.getLogger(__name__)
 

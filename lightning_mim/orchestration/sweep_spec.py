@@ -21,8 +21,8 @@ import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
 
-from lightning_mim.config import ConfigError, sweeps_dir
-from lightning_mim.pruning import PRUNERS
+from lightning_mim.orchestration.config import ConfigError, sweeps_dir
+from lightning_mim.orchestration.pruning import PRUNERS
 
 DIRECTIONS = ("minimize", "maximize")
 DEFAULT_INFERENCE_ONLY = ("decode.",)

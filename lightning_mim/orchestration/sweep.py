@@ -1,0 +1,489 @@
+"""`python -m lightning_mim.sweep [overrides]`: many runs, one Optuna study, one MLflow parent run.
+
+The driver owns the Optuna trials; every trial's training runs as its own process
+(`python -m lightning_mim.train ...`), which avoids Hydra-multirun + DDP relaunch problems and keeps a
+crashing trial from taking the sweep down. Resumability comes from three places:
+- the study lives in an RDB (SQLite file by default) under a name derived from the sweep spec, so the
+  same command finds it again: finished trials are skipped, failed ones are retried `sweep.retries`
+  times, trials of a killed driver are detected (dead pid on this host, or Optuna heartbeats) and redone;
+- trained stage-2 models are cached by a hash of their training config (stages.py), so trials that
+  differ only in inference-only axes (`decode.*`) evaluate one checkpoint instead of retraining, and a
+  killed training resumes from its last checkpoint;
+- MLflow: the parent run id is stored in the study, so a resumed sweep keeps one parent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Sequence
+
+import optuna
+from optuna.trial import TrialState
+
+from lightning_mim.orchestration.config import ConfigError, absolutize_paths, compose
+from lightning_mim.locks import file_lock, pid_alive
+from lightning_mim.orchestration.pruning import build_pruner, rdb_storage, trial_env
+from lightning_mim.orchestration.stages import DONE_FILE, stage_key
+from lightning_mim.orchestration.sweep_spec import SweepSpec, named_sweeps, parse, search_space_for_tpe, write_spec
+from lightning_mim.orchestration.tracking import ensure_experiment, runs_table_url, ui_command
+from lightning_mim.orchestration.train import PARENT_RUN_ENV, RESULT_FILE, RUN_TAGS_ENV
+HEARTBEAT_SECONDS = 30
+
+
+# Failures that do not count as a try of the grid point.
+INTERRUPTED = "interrupted"
+DRIVER_DIED = "driver process died"
+STALE = None  # Optuna's stale-heartbeat failures carry no error attribute
+
+
+@contextmanager
+def _heartbeat(study: optuna.Study, trial: optuna.Trial):
+    """Record Optuna heartbeats while a trial runs: `study.optimize` does this itself, ask/tell does
+    not, so we start Optuna's own heartbeat thread (a no-op for storages without heartbeats)."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    with get_heartbeat_thread(trial._trial_id, study._storage):
+        yield
+
+
+class _AskTellGridSampler(optuna.samplers.GridSampler):
+    """GridSampler whose `after_trial` does not call `study.stop()` (which raises outside
+    `study.optimize`); our loop stops by itself when no grid point is left."""
+
+    def after_trial(self, study, trial, state, values) -> None:  # noqa: D102
+        return None
+
+
+class TrialFailed(RuntimeError):
+    """A trial's process exited with an error; the message carries the tail of its log."""
+
+
+# -- process management ---------------------------------------------------------------------------
+def _die_with_parent() -> None:
+    """Child processes are killed when the sweep driver dies (Linux), so no orphan keeps training."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _run_process(args: list[str], log_path: Path, env: dict[str, str]) -> None:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"$ {' '.join(args)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)
+            proc.wait()
+            raise
+    if code != 0:
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
+        raise TrialFailed(f"exit code {code}; last lines of {log_path}:\n" + "\n".join(tail))
+
+
+# -- the sweep ------------------------------------------------------------------------------------
+class Sweep:
+    def __init__(self, spec: SweepSpec, base_overrides: Sequence[str] = ()) -> None:
+        self.spec = spec
+        probe = compose([*spec.fixed, *base_overrides])
+        absolutize_paths(probe)
+        self.home = Path(probe.paths.home)
+        self.study_name = spec.study_name()
+        self.sweep_dir = self.home / "sweeps" / self.study_name
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        self.base_overrides = [*base_overrides, f"paths.home={self.home}"]
+        self.storage_url = spec.storage or f"sqlite:///{self.home}/optuna.db"
+        self.tracking_uri = probe.logger.tracking_uri if "tracking_uri" in probe.logger else None
+        self.experiment_name = str(probe.experiment_name)
+        self.experiment_id = None
+        if self.tracking_uri:
+            self.experiment_id = ensure_experiment(self.tracking_uri, self.experiment_name, probe.logger.artifact_location)
+        self._validate_points()
+        write_spec(spec, self.sweep_dir / "spec.yaml")
+
+    def _validate_points(self) -> None:
+        """Compose every grid point once up front: a typo fails now, in one line, not in trial 7."""
+        points = self.spec.grid_points() if self.spec.is_grid else [{}]
+        for point in points:
+            compose([*self.spec.trial_overrides(point), *self.base_overrides])
+
+    # -- storage and study ------------------------------------------------------------------------
+    def storage(self) -> optuna.storages.BaseStorage:
+        return rdb_storage(self.storage_url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=4 * HEARTBEAT_SECONDS)
+
+    def study(self) -> optuna.Study:
+        if self.spec.is_grid:
+            sampler = _AskTellGridSampler(self.spec.grid_space(), seed=0)
+        else:
+            sampler = optuna.samplers.TPESampler(seed=0)
+        for attempt in range(5):  # concurrent workers may race to create the same study
+            try:
+                return optuna.create_study(
+                    study_name=self.study_name,
+                    storage=self.storage(),
+                    sampler=sampler,
+                    pruner=build_pruner(self.spec.effective_pruner()),
+                    direction=self.spec.direction,
+                    load_if_exists=True,
+                )
+            except optuna.exceptions.DuplicatedStudyError:
+                time.sleep(0.5 * (attempt + 1))
+        raise RuntimeError(f"could not create or load study {self.study_name}")
+
+    def recover(self, study: optuna.Study) -> None:
+        """Fail the trials of dead drivers and enqueue retries of failed points.
+
+        A RUNNING trial whose driver died is detected at once on this host (its pid is gone) and by
+        stale heartbeats elsewhere. Kills and Ctrl-C do not count as tries; a trial that raised is
+        retried `spec.retries` times in all.
+        """
+        host = socket.gethostname()
+        with file_lock(self.sweep_dir / "ask.lock"):
+            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                attrs = trial.user_attrs
+                if attrs.get("host") == host and not pid_alive(int(attrs.get("pid", -1))):
+                    study._storage.set_trial_user_attr(trial._trial_id, "error", DRIVER_DIED)
+                    study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            optuna.storages.fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            taken = {
+                json.dumps(t.params or t.system_attrs.get("fixed_params", {}), sort_keys=True)
+                for t in trials
+                if t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING, TrialState.PRUNED)
+            }
+            tries: dict[str, int] = {}
+            for trial in trials:
+                if trial.state == TrialState.FAIL and trial.params:
+                    key = json.dumps(trial.params, sort_keys=True)
+                    counted = trial.user_attrs.get("error") not in (DRIVER_DIED, INTERRUPTED, STALE)
+                    tries[key] = tries.get(key, 0) + int(counted)
+            for key, count in tries.items():
+                if key not in taken and count <= self.spec.retries:
+                    study.enqueue_trial(json.loads(key), user_attrs={"retry": count})
+
+    def remaining(self, study: optuna.Study) -> int:
+        trials = study.get_trials(deepcopy=False)
+        waiting = sum(t.state == TrialState.WAITING for t in trials)
+        if self.spec.is_grid:
+            visited = {json.dumps(t.params, sort_keys=True) for t in trials if t.state != TrialState.WAITING and t.params}
+            points = {json.dumps(p, sort_keys=True) for p in self.spec.grid_points()}
+            return waiting + len(points - visited)
+        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+        return max(0, self.spec.total_trials() - finished)
+
+    # -- MLflow parent run --------------------------------------------------------------------------
+    def parent_run_id(self, study: optuna.Study) -> str | None:
+        if not self.tracking_uri:
+            return None
+        from mlflow.tracking import MlflowClient
+
+        with file_lock(self.sweep_dir / "parent.lock"):
+            study_attrs = study.user_attrs  # refreshed from storage
+            if "mlflow_parent_run_id" in study_attrs:
+                return study_attrs["mlflow_parent_run_id"]
+            client = MlflowClient(tracking_uri=self.tracking_uri)
+            run = client.create_run(
+                self.experiment_id,
+                run_name=f"sweep-{self.study_name}",
+                tags={"lightning_mim.role": "sweep", "lightning_mim.study": self.study_name, "optuna.storage": self.storage_url},
+            )
+            client.log_artifact(run.info.run_id, str(self.sweep_dir / "spec.yaml"))
+            study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
+            return run.info.run_id
+
+    # -- one trial ----------------------------------------------------------------------------------
+    def objective(self, trial: optuna.Trial, parent_run_id: str | None) -> float:
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        params = self._suggest(trial)
+        overrides = [*self.spec.trial_overrides(params), *self.base_overrides]
+        trial_dir = self.sweep_dir / f"trial-{trial.number:04d}"
+        tags = {"lightning_mim.role": "trial", "lightning_mim.study": self.study_name, "optuna.trial_number": str(trial.number)}
+        env = {**os.environ, RUN_TAGS_ENV: json.dumps(tags)}
+        if parent_run_id:
+            env[PARENT_RUN_ENV] = parent_run_id
+        run_name = f"trial-{trial.number:03d}"
+        try:
+            metrics = self._train_or_reuse(trial, overrides, params, trial_dir, run_name, env)
+        except optuna.TrialPruned:
+            raise  # the training process already tagged its MLflow run optuna.state=PRUNED
+        except Exception as err:
+            trial.set_user_attr("error", str(err)[-2000:])
+            self._record_failed_run(run_name, parent_run_id, tags, params, str(err))
+            raise
+        trial.set_user_attr("metrics", metrics)
+        if self.spec.objective not in metrics:
+            raise TrialFailed(f"objective '{self.spec.objective}' not among the trial's metrics: {', '.join(sorted(metrics))}")
+        value = metrics[self.spec.objective]
+        if value != value:  # NaN
+            raise TrialFailed(f"objective '{self.spec.objective}' is NaN")
+        return value
+
+    def _suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        if self.spec.is_grid:
+            space = self.spec.grid_space()
+            return {k: trial.suggest_categorical(k, v) for k, v in space.items()}
+        params = {}
+        for key, dist in search_space_for_tpe(self.spec).items():
+            params[key] = trial._suggest(key, dist)
+        return params
+
+    def _train_or_reuse(self, trial, overrides, params, trial_dir: Path, run_name: str, env) -> dict[str, float]:
+        """Train the stage-2 model for these training settings once; evaluate it for the rest.
+        A pruned training is not marked done: the next trial with the same settings resumes it."""
+        training_overrides = [o for o in overrides if not self.spec.is_inference_only(o.split("=", 1)[0].lstrip("+~"))]
+        train_cfg = compose(training_overrides)
+        absolutize_paths(train_cfg)
+        key = stage_key(train_cfg)
+        stage_dir = Path(train_cfg.paths.cache_dir) / "stages" / f"{train_cfg.choices.get('model', 'model')}-{key}"
+        with file_lock(stage_dir.with_suffix(".lock")):
+            done_file = stage_dir / DONE_FILE
+            if not done_file.is_file():
+                args = [sys.executable, "-m", "lightning_mim.train", *overrides,
+                        f"run_name={run_name}", f"paths.output_dir={stage_dir}", "ckpt_path=last"]
+                pruning = trial_env(self.storage_url, self.study_name, trial._trial_id, self.spec.objective,
+                                    self.spec.effective_pruner())
+                _run_process(args, trial_dir / "train.log", {**env, **pruning})
+                result = json.loads((stage_dir / RESULT_FILE).read_text())
+                if result.get("pruned_at_step") is not None:
+                    raise optuna.TrialPruned(f"pruned at step {result['pruned_at_step']}")
+                done_file.write_text(json.dumps({**result, "trained_by": run_name}, indent=2))
+                return result["metrics"]
+            trained = json.loads(done_file.read_text())
+        # A checkpoint trained by an earlier trial: evaluate it at this trial's inference settings.
+        result_file = trial_dir / "evaluate.json"
+        args = [sys.executable, "-m", "lightning_mim.evaluate", f"ckpt={trained['checkpoint']}", *overrides,
+                f"run_name={run_name}", f"paths.output_dir={trial_dir}", f"+result_file={result_file}"]
+        _run_process(args, trial_dir / "evaluate.log", env)
+        evaluated = json.loads(result_file.read_text())
+        return {**trained["metrics"], **evaluated["metrics"]}
+
+    def _record_failed_run(self, run_name, parent_run_id, tags, params, error: str) -> None:
+        """Make sure MLflow shows the failed trial as FAILED with its error, whatever state it died in."""
+        if not self.tracking_uri:
+            return
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        query = f"tags.`lightning_mim.study` = '{self.study_name}' and tags.`optuna.trial_number` = '{tags['optuna.trial_number']}'"
+        runs = client.search_runs([self.experiment_id], filter_string=query)
+        if runs:
+            run_id = runs[0].info.run_id
+        else:
+            all_tags = {**tags, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+            run_id = client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
+            for key, value in params.items():
+                client.log_param(run_id, key, value)
+        client.set_tag(run_id, "error", error[-4000:])
+        client.set_terminated(run_id, status="FAILED")
+
+    # -- driver -------------------------------------------------------------------------------------
+    def prepare(self) -> optuna.Study:
+        """Create the study, the MLflow experiment and the parent run (what a cluster driver does
+        once before starting workers)."""
+        study = self.study()
+        self.parent_run_id(study)
+        return study
+
+    def run(self) -> list[optuna.trial.FrozenTrial]:
+        study = self.study()
+        self.recover(study)
+        todo = self.remaining(study)
+        total = len(self.spec.grid_points()) if self.spec.is_grid else self.spec.total_trials()
+        parent = self.parent_run_id(study)
+        print(f"sweep {self.study_name}: {total} trials in all, {todo} to run (storage {self.storage_url})")
+        if todo > 0:
+            self._optimize(study, todo, total, parent)
+        if parent:
+            self._finish_parent(study, parent)
+        return study.get_trials(deepcopy=False)
+
+    def _optimize(self, study: optuna.Study, todo: int, total: int, parent: str | None) -> None:
+        """Ask/tell loop: a trial is asked under a file lock only while grid points remain, so
+        concurrent workers never create a duplicate; a heartbeat thread lets Optuna fail the trials of
+        a worker that died on another node."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        columns = [TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}")]
+        with Progress(*columns, transient=False) as progress:
+            task = progress.add_task("", total=total, completed=total - todo)
+            while True:
+                with file_lock(self.sweep_dir / "ask.lock"):
+                    if self.remaining(study) == 0:
+                        break
+                    with warnings.catch_warnings():  # heartbeats under ask/tell: we run the thread
+                        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                        trial = study.ask()
+                    self._suggest(trial)  # params are stored now: other workers see the point as taken
+                progress.update(task, description=f"trial {trial.number} {trial.params}")
+                with _heartbeat(study, trial):
+                    state, value = self._run_trial(trial, parent)
+                study.tell(trial, value, state=state)
+                shown = "" if value is None else f" {self.spec.objective}={value:.4g}"
+                progress.console.print(f"trial {trial.number} {state.name.lower()}{shown} {trial.params}")
+                running = sum(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+                progress.update(task, completed=max(0, total - self.remaining(study) - running))  # all workers
+
+    def _run_trial(self, trial: optuna.Trial, parent: str | None) -> tuple[TrialState, float | None]:
+        try:
+            return TrialState.COMPLETE, self.objective(trial, parent)
+        except optuna.TrialPruned:
+            return TrialState.PRUNED, None
+        except KeyboardInterrupt:
+            trial.set_user_attr("error", INTERRUPTED)
+            self._study_tell_failed(trial)
+            raise
+        except Exception as err:  # recorded, reported at the end; the sweep goes on
+            if "error" not in trial.user_attrs:
+                trial.set_user_attr("error", f"{type(err).__name__}: {err}"[-2000:])
+            return TrialState.FAIL, None
+
+    @staticmethod
+    def _study_tell_failed(trial: optuna.Trial) -> None:
+        trial.study.tell(trial, state=TrialState.FAIL)
+
+    def _finish_parent(self, study: optuna.Study, parent: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        trials = study.get_trials(deepcopy=False)
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        client.log_metric(parent, "trials_complete", len(complete))
+        client.log_metric(parent, "trials_failed", sum(t.state == TrialState.FAIL for t in trials))
+        if complete:
+            best = study.best_trial
+            client.log_metric(parent, f"best_{self.spec.objective.replace('/', '_')}", best.value)
+            client.set_tag(parent, "best_trial", str(best.number))
+            for key, value in best.params.items():
+                client.set_tag(parent, f"best.{key}", str(value))
+        client.set_terminated(parent, status="FINISHED")
+
+
+def print_summary(sweep: Sweep, trials: list[optuna.trial.FrozenTrial]) -> None:
+    """A rich table of trials sorted by the objective, then how to open them in MLflow."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 160)  # logs and CI: don't squash columns
+    spec = sweep.spec
+    finished = [t for t in trials if t.state != TrialState.WAITING]
+    keys = sorted({k for t in finished for k in t.params})
+    shown_metrics = [m for m in ("val/fid_domain", "val/cas", "val/is_domain", "val/loss") if m != spec.objective]
+    sign = 1 if spec.direction == "minimize" else -1
+    ordered = sorted(finished, key=lambda t: (t.value is None, sign * (t.value or 0.0), t.number))
+    table = Table(title=f"sweep {sweep.study_name} — {spec.objective} ({spec.direction})")
+    for column in ["#", *keys, spec.objective, *shown_metrics, "state"]:
+        table.add_column(column, justify="right" if column not in keys else "left")
+    for trial in ordered:
+        metrics = trial.user_attrs.get("metrics", {})
+        row = [str(trial.number), *(str(trial.params.get(k, "")) for k in keys)]
+        row.append("" if trial.value is None else f"{trial.value:.4f}")
+        row += [f"{metrics[m]:.4f}" if m in metrics else "" for m in shown_metrics]
+        row.append(trial.state.name)
+        table.add_row(*row)
+    console.print(table)
+    # plain prints: commands and URLs must stay on one line to be copy-pasted (rich wraps them)
+    failed = [t for t in finished if t.state == TrialState.FAIL]
+    for trial in failed:
+        print(f"trial {trial.number} failed {trial.params}: {(trial.user_attrs.get('error') or '?').splitlines()[0]}")
+    if sweep.tracking_uri:
+        print(f"MLflow UI:  {ui_command(sweep.tracking_uri)}")
+        print(f"runs table: {runs_table_url(sweep.experiment_id)}")
+    print(f"study: {sweep.study_name} in {sweep.storage_url} (rerun the same command to resume)")
+
+
+HELP = """usage: python -m lightning_mim.sweep [sweep=NAME] [AXIS=a,b,c ...] [KEY=VALUE ...] [sweep.OPTION=VALUE ...]
+
+  AXIS=a,b,c                       grid axis (cartesian product with the other axes)
+  KEY=choice(a,b) | range(lo,hi) | interval(lo,hi) | tag(log,interval(lo,hi))
+                                   Optuna search space (TPE), needs sweep.n_trials=N
+  KEY=VALUE                        fixed override for every trial (any train config key)
+  sweep=NAME                       named study from sweeps/NAME.yaml: {names}
+  sweep.objective=val/fid_domain   metric to optimise (sweep.direction=minimize|maximize)
+  sweep.seeds=3                    repeat every point with seeds 0..2 (error bars)
+  sweep.jobs=2                     run 2 trials at once on this machine (worker processes sharing the study)
+  sweep.pruner=median              prune trials on the objective's intermediate values: auto (median for
+                                   search spaces, none for grids), none, median, percentile, hyperband
+  sweep.inference_only=decode.     axes that reuse one trained checkpoint (default: decode.*)
+  sweep.storage=URL                Optuna RDB storage (default sqlite:///<paths.home>/optuna.db;
+                                   postgresql://... for workers on several nodes)
+
+Rerunning the same command resumes the study. Several workers may run the same command at once
+(on a cluster, run it once with --prepare-only first to create the study and the MLflow parent run).
+"""
+
+
+def start_local_workers(sweep: Sweep, argv: Sequence[str], jobs: int) -> list[subprocess.Popen]:
+    """`sweep.jobs=N`: N-1 more workers of this same sweep on this machine (the multi-worker path of a
+    cluster, on one host), so N trials train at once. The study and the MLflow parent run are created
+    first, so the workers do not race for them. Unless OMP_NUM_THREADS is set, the cores are shared out:
+    tiny models use one core far better than two, so N one-thread trials beat one N-thread trial."""
+    sweep.prepare()
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    args = [sys.executable, "-m", "lightning_mim.sweep", *(a for a in argv if not a.startswith("sweep.jobs=")), "sweep.jobs=1"]
+    workers = []
+    for index in range(1, jobs):
+        with open(sweep.sweep_dir / f"worker-{index}.log", "ab") as log:
+            workers.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent))
+    return workers
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(HELP.format(names=", ".join(named_sweeps()) or "(none)"))
+        return 0
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
+    warnings.filterwarnings("ignore", message=".*is experimental.*")
+    prepare_only = "--prepare-only" in argv
+    argv = [a for a in argv if a != "--prepare-only"]
+    try:
+        spec = parse(argv)
+        sweep = Sweep(spec)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if prepare_only:
+        sweep.prepare()
+        print(f"prepared study {sweep.study_name} in {sweep.storage_url}")
+        return 0
+    start = time.time()
+    workers: list[subprocess.Popen] = []
+    try:
+        if spec.jobs > 1:
+            workers = start_local_workers(sweep, argv, spec.jobs)
+        trials = sweep.run()
+        if workers:
+            print(f"waiting for {len(workers)} more worker(s) to finish their trials (logs: {sweep.sweep_dir}/worker-*.log)")
+            for worker in workers:
+                worker.wait()
+            trials = sweep.study().get_trials(deepcopy=False)
+    except KeyboardInterrupt:
+        for worker in workers:
+            worker.send_signal(signal.SIGINT)
+        for worker in workers:
+            worker.wait()
+        print("\ninterrupted: the study is saved; rerun the same command to resume", file=sys.stderr)
+        return 130
+    print_summary(sweep, trials)
+    print(f"wall time {time.time() - start:.0f} s")
+    failed = sum(t.state == TrialState.FAIL for t in trials)
+    return 1 if failed and not any(t.state == TrialState.COMPLETE for t in trials) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""`python -m lightning_mim.train [overrides]`: one training run from the Hydra config in `conf/`.
+
+Reads top to bottom: compose the config, seed, build data / model / callbacks / logger / trainer,
+fit (resuming when asked), write `result.json` beside the checkpoints, return the final metrics.
+The sweep runs each trial through this same entry point in its own process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_mim.orchestration.config import ConfigError, absolutize_paths, compose, config_groups, flatten, group_options
+from lightning_mim.orchestration import pruning_callback as optuna_pruning
+
+# Config keys that describe where/how a run is recorded, not what it computes (not logged as params;
+# `choices.*` — which option of each config group — is logged, e.g. `choices.ratio=trunc_gauss`).
+BOOKKEEPING_KEYS = ("paths", "run_name", "experiment_name", "ckpt_path", "logger", "overrides")
+PARENT_RUN_ENV = "LIGHTNING_MIM_PARENT_RUN_ID"  # set by the sweep: nest this run under its parent
+RUN_TAGS_ENV = "LIGHTNING_MIM_RUN_TAGS"  # JSON dict of extra MLflow tags (trial number, study)
+RESULT_FILE = "result.json"
+RUN_NAME_ENV = "LIGHTNING_MIM_RUN_NAME"
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised when the run ends with a non-finite loss or metric (a failed sweep trial)."""
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train one model as `cfg` says; returns the final metrics plus where things were written."""
+    from lightning_mim.orchestration.stages import prepare_stage_inputs
+
+    absolutize_paths(cfg)
+    cfg.run_name = str(cfg.run_name)  # `${now:...}` must be resolved once, not per access
+    os.environ.setdefault(RUN_NAME_ENV, cfg.run_name)  # inherited by the ranks DDP launches
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    prepare_stage_inputs(cfg)  # e.g. trains (or reuses) the tokenizer a stage-2 model needs
+    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    model = instantiate(cfg.model, _recursive_=False, _convert_="all")
+    checkpoint_cb = _checkpoint_callback(cfg, output_dir)
+    callbacks = [checkpoint_cb, *_instantiate_callbacks(cfg)]
+    pruning = optuna_pruning.from_env()  # inside a sweep trial with a pruner: report to its Optuna trial
+    if pruning is not None:
+        callbacks.append(pruning)
+    logger = _build_logger(cfg)
+    trainer = pl.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        callbacks=callbacks,
+        logger=logger if logger is not None else False,
+        default_root_dir=str(output_dir),
+    )
+    if logger is not None:
+        _log_config(logger, cfg, output_dir)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg, checkpoint_cb))
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    result = {
+        "metrics": metrics,
+        "global_step": trainer.global_step,
+        "checkpoint": checkpoint_cb.last_model_path or checkpoint_cb.best_model_path,
+        "output_dir": str(output_dir),
+        "mlflow_run_id": getattr(logger, "run_id", None),
+        "pruned_at_step": getattr(pruning, "pruned_at", None),
+    }
+    # Under DDP every rank gets here; only rank 0 holds the MLflow run id (the other ranks' loggers are
+    # no-ops), so it alone writes the file; otherwise whichever rank finishes last wins (today rank 0,
+    # only because it draws the pictures at train end) and another rank's copy says `mlflow_run_id: null`.
+    if trainer.global_rank == 0:
+        (output_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+        raise TrainingDiverged(f"non-finite metrics at step {trainer.global_step}: {', '.join(sorted(bad))}")
+    return result
+
+
+def _checkpoint_callback(cfg: DictConfig, output_dir: Path) -> pl.callbacks.ModelCheckpoint:
+    """Keeps `last.ckpt` fresh every `checkpoint_every_n_steps` so a killed run loses little."""
+    every = int(cfg.get("checkpoint_every_n_steps", 0) or 0) or None
+    return pl.callbacks.ModelCheckpoint(
+        dirpath=str(output_dir / "checkpoints"),
+        filename="step{step}",
+        auto_insert_metric_name=False,
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=every,
+    )
+
+
+def _instantiate_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    section = cfg.get("callbacks") or {}
+    return [instantiate(spec, _convert_="all") for spec in section.values() if spec and "_target_" in spec]
+
+
+def _resume_path(cfg: DictConfig, checkpoint_cb: pl.callbacks.ModelCheckpoint) -> str | None:
+    """`ckpt_path=last` resumes this run's own last.ckpt (if it exists); any other value is a path."""
+    wanted = cfg.get("ckpt_path")
+    if not wanted:
+        return None
+    if str(wanted) == "last":
+        last = Path(checkpoint_cb.dirpath) / "last.ckpt"
+        if last.is_file():
+            print(f"resuming from {last}", file=sys.stderr)
+            return str(last)
+        print(f"ckpt_path=last: no {last} yet, starting from scratch", file=sys.stderr)
+        return None
+    path = Path(str(wanted)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={wanted}: no such checkpoint file")
+    return str(path)
+
+
+def _build_logger(cfg: DictConfig):
+    spec = cfg.get("logger")
+    if not spec or "_target_" not in spec:
+        return None
+    if spec._target_.endswith("MLFlowLogger"):
+        from lightning_mim.orchestration.tracking import mlflow_logger
+
+        extra_tags = json.loads(os.environ.get(RUN_TAGS_ENV) or "{}")
+        return mlflow_logger(cfg, parent_run_id=os.environ.get(PARENT_RUN_ENV), extra_tags=extra_tags)
+    return instantiate(spec, _convert_="all")
+
+
+def _log_config(logger, cfg: DictConfig, output_dir: Path) -> None:
+    """Every resolved key as a flat param (`schedule.name`, `decode.steps`) + the YAML itself."""
+    params = {k: v for k, v in flatten(cfg).items() if not k.startswith(BOOKKEEPING_KEYS)}
+    logger.log_hyperparams(params)
+    if hasattr(logger, "experiment") and hasattr(logger, "run_id"):
+        logger.experiment.log_artifact(logger.run_id, str(output_dir / "config.yaml"))
+
+
+def _print_help() -> None:
+    lines = [
+        "usage: python -m lightning_mim.train [KEY=VALUE | GROUP=OPTION ...] [--cfg]",
+        "",
+        "One training run from conf/train.yaml. Config groups and their options:",
+    ]
+    for group in config_groups():
+        lines.append(f"  {group:<12} {', '.join(group_options(group))}")
+    lines += [
+        "",
+        "examples:",
+        "  python -m lightning_mim.train                                  # digits MaskGIT (default)",
+        "  python -m lightning_mim.train experiment=digits_tokenizer",
+        "  python -m lightning_mim.train schedule=sqrt decode.steps=12 trainer.max_steps=200",
+        "  python -m lightning_mim.train run_name=myrun ckpt_path=last     # resume a killed run",
+        "  --cfg   print the composed config and exit",
+    ]
+    print("\n".join(lines))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        _print_help()
+        return 0
+    show_cfg = "--cfg" in argv
+    overrides = [a for a in argv if a != "--cfg"]
+    try:
+        cfg = compose(overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if show_cfg:
+        print(OmegaConf.to_yaml(cfg))
+        return 0
+    result = run(cfg)
+    print(json.dumps(result["metrics"], indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
