@@ -1,6 +1,6 @@
 """Stage-2 losses as pure functions: masked-token cross-entropy and SimCLR's InfoNCE (MAGE-C).
 
-PAPERS.md "Shared vocabulary": label smoothing 0.1 on masked positions only, over the K codebook
+docs/FIDELITY.md "Shared vocabulary": label smoothing 0.1 on masked positions only, over the K codebook
 logits. MaskGIT averages per sample then over the batch; MAGE averages over all masked tokens of the
 batch. The two agree when every sample masks the same number of tokens.
 """

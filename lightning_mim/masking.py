@@ -3,8 +3,8 @@
 Pure torch; randomness comes only from an explicit `torch.Generator` (None = global RNG), whose
 device must match the `device` argument (a CPU generator cannot draw CUDA tensors).
 
-Reference: PAPERS.md "Mask schedules", "MaskGIT training", "MAGE"; the official code is
-`maskgit/libml/mask_schedule.py` and `models_mage.py` (LTH14/mage).
+Reference: docs/FIDELITY.md "Mask schedules", "MaskGIT training", "MAGE", "Float32 counts"; the
+official code is `maskgit/libml/mask_schedule.py` and `models_mage.py` (LTH14/mage).
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ MaskGIT: Adam β=(0.9, 0.96), lr 1e-4, weight decay 0.045, linear warm-up then c
          the Adam step), i.e. torch's AdamW — hence `name: adamw` in conf/model/maskgit.yaml.
 MAGE:    AdamW β=(0.9, 0.95), lr = base_lr·batch/256, weight decay 0.05 without decay on biases and
          norms, warm-up then half-cosine.
+MAGE fine-tuning: layer-wise lr decay, MAE/BEiT's `param_groups_lrd` (`layer_decay_param_groups`): with
+         L = depth + 1, a parameter of layer i gets lr · decay^(L - i); the embeddings are layer 0,
+         block j is layer j + 1, everything after the blocks (fc_norm, head) layer L (scale 1).
 """
 
 from __future__ import annotations
@@ -94,3 +97,51 @@ def build_optimizer(
     optimizer = OPTIMIZERS[name](groups, lr=peak, betas=tuple(betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, total_steps, schedule, min_lr_ratio))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+# Encoder submodules that are layer 0 of the layer-wise decay (MAE's `get_layer_id_for_vit`: patch
+# embedding / token embedding; our continuous-input projection is the embedding of that mode).
+EMBEDDING_PREFIXES = ("token_emb.", "continuous_proj.")
+
+
+def vit_layer_id(name: str, depth: int) -> int:
+    """Layer of a parameter for layer-wise lr decay: embeddings 0, `blocks.j.*` j + 1, the rest depth + 1."""
+    if name.startswith(EMBEDDING_PREFIXES):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def layer_decay_param_groups(
+    named_params: Iterable[tuple[str, nn.Parameter]],
+    *,
+    depth: int,
+    layer_decay: float,
+    weight_decay: float,
+) -> list[dict[str, Any]]:
+    """Optimizer groups of MAE/MAGE `param_groups_lrd`: one per (layer, decay / no decay).
+
+    Each group: `params`, `names`, `layer`, `lr_scale` = layer_decay^(depth + 1 - layer) (the
+    optimizer's peak lr times it; `optim.build_optimizer` applies it), `weight_decay` (0 for 1-D
+    tensors: biases and norm scales). Frozen parameters are skipped.
+    """
+    if not 0 < layer_decay <= 1:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    num_layers = depth + 1
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        layer = vit_layer_id(name, depth)
+        decay = p.ndim > 1
+        key = (layer, decay)
+        if key not in groups:
+            scale = float(layer_decay) ** (num_layers - layer)
+            groups[key] = {
+                "params": [], "names": [], "layer": layer, "lr_scale": scale,
+                "weight_decay": float(weight_decay) if decay else 0.0,
+            }
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]

@@ -1,8 +1,9 @@
-"""Loading official MAGE checkpoints (layout from shared/reference/mage_vit_base_state_dict.tsv)."""
+"""Loading official MAGE checkpoints (layout: tests/reference/*.json, docs/FIDELITY.md "Checkpoint layouts")."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -11,29 +12,25 @@ import torch
 from lightning_mim.checkpoints.mage import load_mage, mage_config, split_mage_state_dict
 from lightning_mim.nn.mage import MAGE
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"  # shared/ lies beside the repo
+REFERENCE = Path(__file__).resolve().parent / "reference"  # parameter name -> shape tables
 IGNORED = {"cls_token", "pos_embed", "mask_token", "decoder_pos_embed", "token_emb.position_ids",
            "patch_embed.proj.weight", "patch_embed.proj.bias", "decoder_pred.weight", "decoder_pred.bias"}
 
 
-def read_tsv(name: str) -> dict[str, tuple[int, ...]]:
-    path = REFERENCE / name
-    if not path.is_file():
-        pytest.skip(f"reference table {path} not available")
-    rows = (line.split("\t") for line in path.read_text().strip().splitlines())
-    return {key: tuple(int(d) for d in shape.strip("()").split(",") if d.strip()) for key, shape in rows}
+def read_table(name: str) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(shape) for key, shape in json.loads((REFERENCE / name).read_text()).items()}
 
 
 def official_state(with_vqgan: bool = True) -> dict[str, torch.Tensor]:
     """An official-layout ViT-B checkpoint: zeros (cheap) except a few tensors with known values."""
-    state = {k: torch.zeros(s) for k, s in read_tsv("mage_vit_base_state_dict.tsv").items()}
+    state = {k: torch.zeros(s) for k, s in read_table("mage_vitb_keys.json").items()}
     g = torch.Generator().manual_seed(0)
     for key in ("blocks.3.attn.qkv.weight", "decoder_blocks.7.mlp.fc2.bias", "token_emb.word_embeddings.weight",
                 "mlm_layer.bias", "decoder_pos_embed_learned"):
         state[key] = torch.randn(state[key].shape, generator=g)
     state["token_emb.position_ids"] = torch.arange(257)[None]
     if with_vqgan:
-        state.update({f"vqgan.{k}": torch.zeros(s) for k, s in read_tsv("mage_vqgan_state_dict.tsv").items()})
+        state.update({f"vqgan.{k}": torch.zeros(s) for k, s in read_table("vqgan_f16_keys.json").items()})
     return state
 
 
@@ -43,7 +40,7 @@ def base_state():
 
 
 def test_our_names_and_shapes_match_the_official_layout():
-    official = read_tsv("mage_vit_base_state_dict.tsv")
+    official = read_table("mage_vitb_keys.json")
     assert len(official) == 265
     with torch.device("meta"):
         ours = MAGE(**mage_config("base")).state_dict()

@@ -1,7 +1,12 @@
-"""Loading tokenizer checkpoints: the official MAGE/MaskGIT layout (reference TSV) and our own."""
+"""Loading tokenizer checkpoints: the official MAGE/MaskGIT layout (tests/reference table) and our own.
+
+The table is docs/FIDELITY.md "Checkpoint layouts": MAGE's `vqgan_jax_strongaug.ckpt` as
+parameter name -> shape, in state-dict order.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -19,27 +24,19 @@ from lightning_mim.checkpoints.vqgan import (
 from lightning_mim.checkpoints.vqgan import official_state_dict as unwrap_official
 from lightning_mim.nn.vqgan import VQGAN
 
-REFERENCE = Path("/work/shared/reference/mage_vqgan_state_dict.tsv")
-if not REFERENCE.is_file():  # the table also lives beside the repo on other machines
-    REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "reference" / "mage_vqgan_state_dict.tsv"
+REFERENCE = Path(__file__).resolve().parent / "reference" / "vqgan_f16_keys.json"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _reference_layout() -> list[tuple[str, tuple[int, ...]]]:
-    rows = []
-    for line in REFERENCE.read_text().strip().splitlines():
-        key, shape = line.split("\t")
-        rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip())))
-    return rows
+    return [(key, tuple(shape)) for key, shape in json.loads(REFERENCE.read_text()).items()]  # file order kept
 
 
 @pytest.fixture(scope="module")
 def official_state_dict() -> dict[str, torch.Tensor]:
     """A state dict built only from the reference table: official names and shapes, random values."""
-    if not REFERENCE.is_file():
-        pytest.skip("reference table mage_vqgan_state_dict.tsv not available")
     gen = torch.Generator().manual_seed(0)
     sd = {}
     for key, shape in _reference_layout():

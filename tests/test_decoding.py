@@ -1,4 +1,4 @@
-"""lightning_mim.decoding pinned to PAPERS.md "MaskGIT iterative decoding" (parallel_decode.py)."""
+"""lightning_mim.decoding pinned to docs/FIDELITY.md "MaskGIT iterative decoding" (parallel_decode.py)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """The `inception` extractor: local weights only, a clear start-up error, the real torch-fidelity path.
 
 No test downloads anything: the weights are a randomly initialised `inception-v3-compat` whose
-BatchNorm statistics are calibrated on a few images (FIELD_NOTES: uncalibrated random weights give
-constant features), saved to a file and loaded through the same code path as the real file.
+BatchNorm statistics are calibrated on a few images (uncalibrated random weights give constant
+features: docs/DEPENDENCIES.md "FID / IS / KID / precision-recall"), saved to a file and loaded
+through the same code path as the real file.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from lightning_mim.callbacks import GenerationMetrics
 from lightning_mim.eval.extractors import INCEPTION_FILENAME, InceptionExtractor, _file_digest, build_extractor
-from lightning_mim.eval.testing import FakeGenerator, SyntheticImageDataModule
+from _fakes import FakeGenerator, SyntheticImageDataModule
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

@@ -13,15 +13,12 @@ from hydra.utils import instantiate
 
 from lightning_mim.orchestration.config import compose
 from lightning_mim.data.digits import digits_arrays
-from lightning_mim.optim import build_optimizer
+from lightning_mim.checkpoints.mage import load_mage_encoder
+from lightning_mim.data.mixing import mixup_transform
 from lightning_mim.modules.mage import MAGEModule
-from lightning_mim.modules.mage_finetune import (
-    MAGEFinetuneModule,
-    layer_decay_param_groups,
-    load_pretrained,
-    mixup_transform,
-    vit_layer_id,
-)
+from lightning_mim.modules.mage_finetune import MAGEFinetuneModule
+from lightning_mim.optim import build_optimizer, layer_decay_param_groups, vit_layer_id
+from _decode import decode_config
 
 warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step called without a Trainer
 
@@ -42,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def pretrain_module(image_size: int = 8, seed: int = 0, **arch) -> MAGEModule:
     torch.manual_seed(seed)
     return MAGEModule(
-        arch={**ARCH, **arch}, tokenizer=TOKENIZER, ratio=RATIO, decode={"steps": 4}, optim=PRE_OPTIM, image_size=image_size
+        arch={**ARCH, **arch}, tokenizer=TOKENIZER, ratio=RATIO, decode=decode_config(steps=4), optim=PRE_OPTIM, image_size=image_size
     )
 
 
@@ -141,13 +138,12 @@ def test_not_a_mage_checkpoint_and_bad_options_are_clear(tmp_path, ckpt):
 def test_official_checkpoint_layout_loads_through_load_mage(tmp_path, monkeypatch):
     """An official `{'model': ...}` file (with its `vqgan.*` tokenizer) -> the same encoder tensors."""
     import lightning_mim.checkpoints.mage as cm
-    import lightning_mim.nn.vqgan as vq
     from lightning_mim.nn.mage import MAGE
     from lightning_mim.nn.vqgan import VQGAN
 
     tiny = dict(enc_width=32, enc_depth=2, enc_heads=4, dec_width=24, dec_depth=1, dec_heads=2)
     monkeypatch.setitem(cm.SIZES, "base", tiny)  # official vocab 2025 / 257 positions, tiny widths
-    monkeypatch.setattr(vq, "official_maskgit_f16_config", lambda: dict(TOKENIZER["arch"]))
+    monkeypatch.setattr(cm, "official_maskgit_f16_config", lambda: dict(TOKENIZER["arch"]))
     torch.manual_seed(0)
     full = MAGE(**cm.mage_config("base"))
     tok = VQGAN(**TOKENIZER["arch"])
@@ -156,7 +152,7 @@ def test_official_checkpoint_layout_loads_through_load_mage(tmp_path, monkeypatc
     state["cls_token"] = torch.zeros(1, 1, 32)  # an unused official module: ignored
     path = tmp_path / "mage-official.pth"
     torch.save({"model": state}, path)
-    info = load_pretrained(path)
+    info = load_mage_encoder(path)
     assert info["encoder"]["fake_class_id"] == 1100 and info["encoder"]["vocab_size"] == 2025
     m = finetune(str(path), image_size=32, checkpoint_format="official", official_size="base")  # 16x16 tokens
     for k, v in m.encoder.state_dict().items():

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mim.losses import info_nce
 from lightning_mim.masking import TruncGaussRatio, num_masked
-from lightning_mim.modules.mage import DECODE_DEFAULTS, MAGEModule, gathered_info_nce, mage_masks
+from lightning_mim.modules.mage import MAGEModule, gathered_info_nce, mage_masks
+from _decode import decode_config
 
 warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step called without a Trainer
 
@@ -52,7 +53,7 @@ def fixed(value: float) -> dict:
 
 def make(seed: int = 0, **kw) -> MAGEModule:
     torch.manual_seed(seed)
-    args = dict(arch=ARCH, tokenizer=TOKENIZER, ratio=TRUNC_GAUSS, decode={"steps": 4}, optim=OPTIM, image_size=S)
+    args = dict(arch=ARCH, tokenizer=TOKENIZER, ratio=TRUNC_GAUSS, decode=decode_config(steps=4), optim=OPTIM, image_size=S)
     args.update(kw)
     return MAGEModule(**args)
 
@@ -246,13 +247,16 @@ def test_generate_images_in_unit_range_and_reproducible():
 
 
 def test_decode_defaults_are_mages_and_config_overrides_them():
-    assert DECODE_DEFAULTS["steps"] == 20 and DECODE_DEFAULTS["choice_temperature"] == 6.0
-    assert DECODE_DEFAULTS["schedule"] == "cosine"
-    m = make(decode={})
+    mage = decode_config("mage")  # conf/decode/mage.yaml: the one source of MAGE's generation defaults
+    assert mage["steps"] == 20 and mage["choice_temperature"] == 6.0
+    assert mage["schedule"] == "cosine"
+    m = make(decode=mage)
     _, steps = m.generate(None, 2, generator=gen(0), return_steps=True)
     assert len(steps) == 20
-    m = make(decode={"steps": 3, "choice_temperature": 4.5})
-    assert m.decode_settings["choice_temperature"] == 4.5
+    with pytest.raises(ValueError, match="lack"):
+        make(decode={})  # no defaults in code: an incomplete decode section is an error
+    m = make(decode=decode_config("mage", steps=3, choice_temperature=4.5))
+    assert m.decode_settings.choice_temperature == 4.5
     _, steps = m.generate(None, 2, generator=gen(0), return_steps=True)
     assert len(steps) == 3
     _, steps = m.generate(None, 2, generator=gen(0), return_steps=True, steps=5)
@@ -260,7 +264,7 @@ def test_decode_defaults_are_mages_and_config_overrides_them():
 
 
 def test_generation_uses_the_full_encoder_without_drop():
-    m = make(decode={"steps": 2})
+    m = make(decode=decode_config(steps=2))
     seen = []
     m.mage.blocks[0].register_forward_hook(lambda mod, i, o: seen.append(i[0].shape[1]))
     m.generate(None, 2, generator=gen(0))
@@ -502,7 +506,7 @@ def test_digits_experiments_compose_with_mages_defaults(compose):
     assert cfg.choices["callbacks"] == "mage" and "linear_probe" in cfg.callbacks
     m = build_from(cfg)
     assert isinstance(m.ratio_sampler, TruncGaussRatio) and m.projection is None
-    assert (m.decode_settings["steps"], m.decode_settings["choice_temperature"]) == (20, 6.0)
+    assert (m.decode_settings.steps, m.decode_settings.choice_temperature) == (20, 6.0)
     assert m.mage.norm.normalized_shape == (cfg.model.arch.enc_width,)
 
     c = compose(["experiment=digits_mage_c"])

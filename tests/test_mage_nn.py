@@ -1,4 +1,4 @@
-"""MAGE encoder-decoder, heads and losses, pinned to PAPERS.md "MAGE" / "MAGE-C" / "Shared vocabulary"."""
+"""MAGE encoder-decoder, heads and losses, pinned to docs/FIDELITY.md "MAGE" / "MAGE-C" / "Shared vocabulary"."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lightning_mim.modules.maskgit import MaskGITModule
+from _decode import decode_config
 
 TINY_VQGAN = dict(base_channels=8, channel_multipliers=[1, 2], num_res_blocks=1, codebook_size=16, code_dim=8, norm_groups=4)
 TINY_TRANSFORMER = dict(width=32, depth=1, heads=2, mlp_dim=64, dropout=0.0, attn_dropout=0.0)
@@ -17,7 +18,7 @@ def make(**overrides) -> MaskGITModule:
         transformer=TINY_TRANSFORMER,
         tokenizer={"arch": TINY_VQGAN, "ckpt": None},
         ratio={"_target_": "lightning_mim.masking.ScheduleRatio", "schedule": "cosine", "n_tokens": None},
-        decode={"steps": 4, "choice_temperature": 4.5, "schedule": "cosine"},
+        decode=decode_config(steps=4, choice_temperature=4.5, schedule="cosine"),
         optim={"lr": 1e-2, "warmup_steps": 0},
         num_classes=3,
         image_size=8,
@@ -79,8 +80,8 @@ def test_guidance_passes_the_unconditional_model_to_decoding(monkeypatch):
         captured.update(kwargs, cond=logits_fn(tokens), uncond=kwargs["uncond_logits_fn"](tokens))
         return tokens.clamp(max=0)
 
-    monkeypatch.setattr("lightning_mim.modules.maskgit.decode", fake_decode)
-    module.generate_tokens(torch.tensor([0, 1]), 2, None, guidance=3.0, guidance_ramp="linear")
+    monkeypatch.setattr("lightning_mim.modules.stage2.decode", fake_decode)
+    module.generate_tokens(torch.tensor([0, 1]), 2, None, guidance_scale=3.0, guidance_ramp="linear")
     assert captured["guidance_scale"] == 3.0 and captured["guidance_ramp"] == "linear"
     # the unconditional branch puts the "no class" id at position 0, the conditional one the class ids
     cond_ids = module.class_tokens(torch.tensor([0, 1]), 2)

@@ -1,4 +1,4 @@
-"""lightning_mim.masking pinned to PAPERS.md: schedules, counts, masks, ratio distributions."""
+"""lightning_mim.masking pinned to docs/FIDELITY.md: schedules, counts, masks, ratio distributions."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from lightning_mim.masking import (
 CONF = Path(__file__).resolve().parent.parent / "conf"
 R = np.array([0.0, 0.1, 0.25, 1 / 3, 0.5, 0.7, 0.9, 0.999, 1.0], dtype=np.float64)
 
-# PAPERS.md table, in float64 (γ is computed in float32, compared to 1e-6).
+# docs/FIDELITY.md "Mask schedules" table, in float64 (γ is computed in float32, compared to 1e-6).
 REFERENCE = {
     "linear": lambda r, n: 1 - r,
     "square": lambda r, n: 1 - r**2,

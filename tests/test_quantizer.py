@@ -1,4 +1,4 @@
-"""The vector quantiser pinned to PAPERS.md: squared-L2 lookup, beta = 0.25, straight-through; EMA, restart."""
+"""The vector quantiser pinned to docs/FIDELITY.md "MaskGIT tokenizer": squared-L2 lookup, beta = 0.25, straight-through; EMA, restart."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""BidirectionalTransformer and the shared blocks, pinned to PAPERS.md "MaskGIT training"."""
+"""BidirectionalTransformer and the shared blocks, pinned to docs/FIDELITY.md "MaskGIT training"."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The MaskGIT tokenizer architecture (PAPERS.md "MaskGIT tokenizer"): shapes, layout, quirks, API."""
+"""The MaskGIT tokenizer architecture (docs/FIDELITY.md "MaskGIT tokenizer"): shapes, layout, quirks, API."""
 
 from __future__ import annotations
 

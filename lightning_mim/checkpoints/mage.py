@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from lightning_mim.nn.mage import MAGE
+from lightning_mim.nn.vqgan import official_maskgit_f16_config
 
 SIZES = {
     # models_mage.py: mage_vit_base_patch16 / mage_vit_large_patch16
@@ -29,6 +30,12 @@ SIZES = {
 UNUSED_KEYS = ("cls_token", "pos_embed", "mask_token", "decoder_pos_embed", "token_emb.position_ids")
 UNUSED_PREFIXES = ("patch_embed.", "decoder_pred.")
 VQGAN_PREFIX = "vqgan."
+CHECKPOINT_FORMATS = ("auto", "lightning", "official")
+# Architecture kwargs of `nn.mage.MAGE` that only the decoder or the masking use; the encoder ignores them.
+ENCODER_KEYS = (
+    "vocab_size", "n_positions", "codebook_size", "enc_width", "enc_depth", "enc_heads", "mlp_ratio",
+    "fake_class_id", "input_mode", "continuous_dim", "attn_fp32",
+)
 
 
 def mage_config(size: str = "base") -> dict[str, Any]:
@@ -152,3 +159,72 @@ def load_mage(
         if left:  # a non-persistent buffer would need initialising here
             raise RuntimeError(f"tensors not filled from the checkpoint: {left}")
     return model, vqgan
+
+
+# -- the encoder of a pre-trained MAGE, for fine-tuning ---------------------------------------------
+def load_mage_encoder(
+    path: str | Path,
+    *,
+    checkpoint_format: str = "auto",
+    official_size: str | None = None,
+    tokenizer_ckpt: str | None = None,
+    weights_only: bool = True,
+) -> dict[str, Any]:
+    """Read a pre-trained MAGE: {"encoder": MAGE kwargs (encoder_only), "encoder_state": its tensors,
+    "tokenizer_arch": VQGAN kwargs, "tokenizer_state": tokenizer tensors or None (then `tokenizer_ckpt`)}.
+
+    `checkpoint_format`: `lightning` (ours: `state_dict` + `hyper_parameters` of MAGEModule),
+    `official` (`{'model': ...}` of LTH14/mage, through `load_mage`), or `auto` (by the keys).
+    """
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ValueError(f"unknown checkpoint_format {checkpoint_format!r}; valid: {', '.join(CHECKPOINT_FORMATS)}")
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model.pretrained={path}: no such checkpoint file (a last.ckpt of experiment=digits_mage, or an official MAGE .pth)"
+        )
+    ckpt = torch_load_mage(path, weights_only=weights_only)
+    if checkpoint_format == "auto":
+        checkpoint_format = "lightning" if "state_dict" in ckpt and "hyper_parameters" in ckpt else "official"
+    if checkpoint_format == "lightning":
+        return _from_lightning(ckpt, path)
+    return _from_official(ckpt, official_size, tokenizer_ckpt)
+
+
+def _from_lightning(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
+    hp, state = ckpt.get("hyper_parameters") or {}, ckpt.get("state_dict") or {}
+    if "arch" not in hp or "mage.token_emb.word_embeddings.weight" not in state:
+        raise KeyError(f"{path} is not a MAGEModule checkpoint (no hyper_parameters.arch / mage.* weights)")
+    tok_arch = dict((hp.get("tokenizer") or {}).get("arch") or {})
+    if not tok_arch:
+        raise KeyError(f"{path}: hyper_parameters.tokenizer.arch is missing; cannot rebuild the tokenizer")
+    words = state["mage.token_emb.word_embeddings.weight"]
+    codebook = int(tok_arch.get("codebook_size", 1024))
+    arch = dict(hp["arch"])
+    encoder = {
+        **{k: v for k, v in arch.items() if k in ENCODER_KEYS},
+        "vocab_size": int(words.shape[0]),
+        "n_positions": int(state["mage.token_emb.position_embeddings.weight"].shape[0]),
+        "codebook_size": codebook,
+        "fake_class_id": int(hp.get("fake_class_id") if hp.get("fake_class_id") is not None else codebook),
+    }
+    if arch.get("input_mode", "tokens") == "continuous":
+        encoder["continuous_dim"] = int(state["mage.continuous_proj.weight"].shape[1])
+    enc_state = {k[len("mage.") :]: v for k, v in state.items() if k.startswith("mage.")}
+    tok_state = {k[len("tokenizer.") :]: v for k, v in state.items() if k.startswith("tokenizer.")}
+    return {"encoder": encoder, "encoder_state": enc_state, "tokenizer_arch": tok_arch, "tokenizer_state": tok_state or None}
+
+
+def _from_official(ckpt: dict[str, Any], size: str | None, tokenizer_ckpt: str | None) -> dict[str, Any]:
+    model, vqgan = load_mage(ckpt, size)
+    size = size or next(n for n in ("base", "large") if mage_config(n)["enc_depth"] == len(model.blocks))
+    encoder = {k: v for k, v in mage_config(size).items() if k in ENCODER_KEYS}
+    if vqgan is None and not tokenizer_ckpt:
+        raise ValueError(
+            "the official MAGE checkpoint holds no tokenizer (vqgan.*): set model.tokenizer_ckpt="
+            "/path/to/vqgan_jax_strongaug.ckpt"
+        )
+    return {
+        "encoder": encoder, "encoder_state": model.state_dict(),
+        "tokenizer_arch": official_maskgit_f16_config(), "tokenizer_state": vqgan,
+    }

@@ -34,27 +34,22 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from hydra.utils import instantiate
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
-from lightning_mim.decoding import decode
+from lightning_mim.decoding import LogitsFn
 from lightning_mim.losses import info_nce, masked_token_loss
 from lightning_mim.masking import mask_from_ranks, num_masked, rank_noise
-from lightning_mim.modules.stage2 import Stage2Module
+from lightning_mim.modules.stage2 import Stage2Module, masked_accuracy
 from lightning_mim.nn.heads import ProjectionHead
 from lightning_mim.nn.mage import MAGE
 from lightning_mim.optim import build_optimizer
 from lightning_mim.tokens import TokenLayout
 
-VAL_SEED = 1234  # validation masks come from a fixed generator: val/loss is comparable across steps
 # Keys of `arch` the module sets itself (from the tokenizer, the grid and its own arguments).
 DERIVED_ARCH_KEYS = ("vocab_size", "n_positions", "codebook_size", "fake_class_id", "drop_ratio", "continuous_dim")
 # MAGE-C view augmentation: torchvision RandomResizedCrop defaults + MAGE's scale range and a flip.
 DEFAULT_VIEWS: dict[str, Any] = {"scale": (0.2, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": True}
-# MAGE's generation defaults (gen_img_uncond.py: --num_iter 20 --temp 6.0, cosine), used for keys
-# the `decode` config does not set.
-DECODE_DEFAULTS: dict[str, Any] = {"steps": 20, "choice_temperature": 6.0, "schedule": "cosine", "temperature": 1.0}
 
 
 def mage_masks(
@@ -148,7 +143,7 @@ class MAGEModule(Stage2Module):
         projection: dict[str, int] | None = None,
         views: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(tokenizer=tokenizer, num_classes=0, image_size=image_size)
+        super().__init__(tokenizer=tokenizer, num_classes=0, image_size=image_size, ratio=ratio, decode=decode)
         self.save_hyperparameters(logger=False)
         if int(class_slots) < 1:
             raise ValueError(f"class_slots must be >= 1 (position 0 needs the fake class id), got {class_slots}")
@@ -170,8 +165,6 @@ class MAGEModule(Stage2Module):
             **continuous,
             **arch,
         )
-        needs_n = "n_tokens" in ratio and ratio["n_tokens"] is None
-        self.ratio_sampler = instantiate(ratio, **({"n_tokens": self.n_tokens} if needs_n else {}))
         if contrastive:
             if contrastive_weight < 0:
                 raise ValueError(f"contrastive_weight must be >= 0, got {contrastive_weight}")
@@ -216,7 +209,7 @@ class MAGEModule(Stage2Module):
         loss = masked_token_loss(
             logits, tokens, mask, label_smoothing=self.hparams.label_smoothing, reduction=self.hparams.loss_reduction
         )
-        accuracy = (logits.argmax(-1) == tokens)[mask].float().mean()
+        accuracy = masked_accuracy(logits, tokens, mask)
         return {"loss": loss, "accuracy": accuracy, "mask": mask, "drop": drop, "encoder_output": inter["encoder_output"]}
 
     # -- MAGE-C ------------------------------------------------------------------------------------------
@@ -265,44 +258,22 @@ class MAGEModule(Stage2Module):
         self.log("train/masked_acc", out["accuracy"])
         return out["loss"]
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        """Reconstruction loss of the un-augmented batch under fixed masks (MAGE-C too)."""
-        generator = torch.Generator(device=self.device).manual_seed(VAL_SEED + batch_idx)
+    def masked_loss(self, batch, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Reconstruction loss of the un-augmented batch (MAGE-C too: validation makes no views)."""
         tokens, continuous = self.model_inputs(batch[0], self.continuous_input)
         out = self.reconstruction(tokens, generator, continuous)
-        self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True)
-        self.log("val/masked_acc", out["accuracy"], sync_dist=True)
+        return out["loss"], out["accuracy"]
 
     def configure_optimizers(self):
         return build_optimizer(self, **self.resolved_optim())  # only trainable parameters: the tokenizer is frozen
 
     # -- generation and features ------------------------------------------------------------------------
-    @property
-    def decode_settings(self) -> dict[str, Any]:
-        return {**DECODE_DEFAULTS, **super().decode_settings}
-
-    def generate_tokens(self, labels, num_samples, generator=None, return_steps=False, **overrides):
-        """Unconditional MaskGIT decoding with the full encoder (no drop; mask = mask-id positions)."""
+    def logits_fn(self, labels: Tensor | None, num_samples: int) -> LogitsFn:
+        """Unconditional decoding with the full encoder (no drop; the mask = the mask-id positions)."""
         if labels is not None:
             raise ValueError("MAGE generates unconditionally: pass labels=None and num_samples")
-        if self.cannot_generate:
-            raise NotImplementedError(self.cannot_generate)
-        settings = {**self.decode_settings, **overrides}
-        if float(settings.get("guidance", 0.0) or 0.0) > 0:
-            raise ValueError("MAGE is unconditional: classifier-free guidance (decode.guidance > 0) does not apply")
         mask_id = self.layout.mask_id
-        start = torch.full((num_samples, self.n_tokens), mask_id, dtype=torch.long, device=self.device)
-        return decode(
-            lambda t: self.mage(t, t == mask_id),
-            start,
-            mask_id=mask_id,
-            steps=int(settings["steps"]),
-            schedule=settings["schedule"],
-            choice_temperature=float(settings["choice_temperature"]),
-            temperature=float(settings["temperature"]),
-            generator=generator,
-            return_steps=return_steps,
-        )
+        return lambda tokens: self.mage(tokens, tokens == mask_id)
 
     @torch.no_grad()
     def encode_features(self, images: Tensor, layer: int | None = None) -> Tensor:

@@ -31,194 +31,28 @@ Not reproduced: stochastic depth (drop_path 0.1; our blocks have none), RandAugm
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.transforms import v2
 
-from lightning_mim.checkpoints.mage import torch_load_mage
+from lightning_mim.checkpoints.mage import load_mage_encoder
+from lightning_mim.data.mixing import mixup_transform
 from lightning_mim.modules.hparams import plain_config
-from lightning_mim.modules.stage2 import Stage2Module
+from lightning_mim.modules.stage2 import FrozenTokenizerModule
 from lightning_mim.nn.mage import LN_EPS, MAGE
-from lightning_mim.optim import build_optimizer
+from lightning_mim.optim import build_optimizer, layer_decay_param_groups
 
-CHECKPOINT_FORMATS = ("auto", "lightning", "official")
 INITS = ("pretrained", "random")
 HEAD_NORMS = ("layernorm", "batchnorm")
-# Encoder submodules that are layer 0 of the layer-wise decay (MAE's `get_layer_id_for_vit`: patch
-# embedding / token embedding; our continuous-input projection is the embedding of that mode).
-EMBEDDING_PREFIXES = ("token_emb.", "continuous_proj.")
-# Architecture kwargs of `nn.mage.MAGE` that only the decoder or the masking use; the encoder ignores them.
-ENCODER_KEYS = (
-    "vocab_size", "n_positions", "codebook_size", "enc_width", "enc_depth", "enc_heads", "mlp_ratio",
-    "fake_class_id", "input_mode", "continuous_dim", "attn_fp32",
-)
 
 
-# -- layer-wise lr decay (pure) ----------------------------------------------------------------------
-def vit_layer_id(name: str, depth: int) -> int:
-    """Layer of a parameter for layer-wise lr decay: embeddings 0, `blocks.j.*` j + 1, the rest depth + 1."""
-    if name.startswith(EMBEDDING_PREFIXES):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
 
-
-def layer_decay_param_groups(
-    named_params: Iterable[tuple[str, nn.Parameter]],
-    *,
-    depth: int,
-    layer_decay: float,
-    weight_decay: float,
-) -> list[dict[str, Any]]:
-    """Optimizer groups of MAE/MAGE `param_groups_lrd`: one per (layer, decay / no decay).
-
-    Each group: `params`, `names`, `layer`, `lr_scale` = layer_decay^(depth + 1 - layer) (the
-    optimizer's peak lr times it; `optim.build_optimizer` applies it), `weight_decay` (0 for 1-D
-    tensors: biases and norm scales). Frozen parameters are skipped.
-    """
-    if not 0 < layer_decay <= 1:
-        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
-    num_layers = depth + 1
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
-    for name, p in named_params:
-        if not p.requires_grad:
-            continue
-        layer = vit_layer_id(name, depth)
-        decay = p.ndim > 1
-        key = (layer, decay)
-        if key not in groups:
-            scale = float(layer_decay) ** (num_layers - layer)
-            groups[key] = {
-                "params": [], "names": [], "layer": layer, "lr_scale": scale,
-                "weight_decay": float(weight_decay) if decay else 0.0,
-            }
-        groups[key]["params"].append(p)
-        groups[key]["names"].append(name)
-    return [groups[k] for k in sorted(groups)]
-
-
-# -- mixup / cutmix ----------------------------------------------------------------------------------
-def mixup_transform(
-    num_classes: int, mixup: float = 0.0, cutmix: float = 0.0, prob: float = 1.0, switch_prob: float = 0.5
-) -> nn.Module | None:
-    """torchvision v2 MixUp / CutMix on an (images, int labels) batch -> (mixed images, soft labels (B, C)).
-
-    timm's `Mixup` semantics: with both on, CutMix is chosen with `switch_prob`; the whole batch is
-    mixed with probability `prob` (otherwise the labels are still returned one-hot, so the loss is
-    the same soft-target cross-entropy every step). None when both alphas are 0.
-    """
-    if mixup < 0 or cutmix < 0:
-        raise ValueError(f"mixup and cutmix alphas must be >= 0, got {mixup}, {cutmix}")
-    if not 0 <= prob <= 1 or not 0 <= switch_prob <= 1:
-        raise ValueError(f"mixup_prob and mixup_switch_prob must be in [0, 1], got {prob}, {switch_prob}")
-    if mixup == 0 and cutmix == 0:
-        return None
-    if mixup > 0 and cutmix > 0:
-        mix: nn.Module = v2.RandomChoice(
-            [v2.MixUp(alpha=mixup, num_classes=num_classes), v2.CutMix(alpha=cutmix, num_classes=num_classes)],
-            p=[1 - switch_prob, switch_prob],
-        )
-    elif mixup > 0:
-        mix = v2.MixUp(alpha=mixup, num_classes=num_classes)
-    else:
-        mix = v2.CutMix(alpha=cutmix, num_classes=num_classes)
-    return _MaybeMix(mix, num_classes, prob)
-
-
-class _MaybeMix(nn.Module):
-    """Apply `mix` with probability `prob`, else return one-hot labels (same output type either way)."""
-
-    def __init__(self, mix: nn.Module, num_classes: int, prob: float) -> None:
-        super().__init__()
-        self.mix, self.num_classes, self.prob = mix, int(num_classes), float(prob)
-
-    def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        if self.prob >= 1 or torch.rand(()) < self.prob:
-            return self.mix(images, labels)
-        return images, F.one_hot(labels, self.num_classes).to(images.dtype)
-
-
-# -- loading the pre-trained encoder ---------------------------------------------------------------
-def load_pretrained(
-    path: str | Path,
-    *,
-    checkpoint_format: str = "auto",
-    official_size: str | None = None,
-    tokenizer_ckpt: str | None = None,
-    weights_only: bool = True,
-) -> dict[str, Any]:
-    """Read a pre-trained MAGE: {"encoder": MAGE kwargs (encoder_only), "encoder_state": its tensors,
-    "tokenizer_arch": VQGAN kwargs, "tokenizer_state": tokenizer tensors or None (then `tokenizer_ckpt`)}.
-
-    `checkpoint_format`: `lightning` (ours: `state_dict` + `hyper_parameters` of MAGEModule),
-    `official` (`{'model': ...}` of LTH14/mage, through `load_mage`), or `auto` (by the keys).
-    """
-    if checkpoint_format not in CHECKPOINT_FORMATS:
-        raise ValueError(f"unknown checkpoint_format {checkpoint_format!r}; valid: {', '.join(CHECKPOINT_FORMATS)}")
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"model.pretrained={path}: no such checkpoint file (a last.ckpt of experiment=digits_mage, or an official MAGE .pth)"
-        )
-    ckpt = torch_load_mage(path, weights_only=weights_only)
-    if checkpoint_format == "auto":
-        checkpoint_format = "lightning" if "state_dict" in ckpt and "hyper_parameters" in ckpt else "official"
-    if checkpoint_format == "lightning":
-        return _from_lightning(ckpt, path)
-    return _from_official(ckpt, official_size, tokenizer_ckpt)
-
-
-def _from_lightning(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
-    hp, state = ckpt.get("hyper_parameters") or {}, ckpt.get("state_dict") or {}
-    if "arch" not in hp or "mage.token_emb.word_embeddings.weight" not in state:
-        raise KeyError(f"{path} is not a MAGEModule checkpoint (no hyper_parameters.arch / mage.* weights)")
-    tok_arch = dict((hp.get("tokenizer") or {}).get("arch") or {})
-    if not tok_arch:
-        raise KeyError(f"{path}: hyper_parameters.tokenizer.arch is missing; cannot rebuild the tokenizer")
-    words = state["mage.token_emb.word_embeddings.weight"]
-    codebook = int(tok_arch.get("codebook_size", 1024))
-    arch = dict(hp["arch"])
-    encoder = {
-        **{k: v for k, v in arch.items() if k in ENCODER_KEYS},
-        "vocab_size": int(words.shape[0]),
-        "n_positions": int(state["mage.token_emb.position_embeddings.weight"].shape[0]),
-        "codebook_size": codebook,
-        "fake_class_id": int(hp.get("fake_class_id") if hp.get("fake_class_id") is not None else codebook),
-    }
-    if arch.get("input_mode", "tokens") == "continuous":
-        encoder["continuous_dim"] = int(state["mage.continuous_proj.weight"].shape[1])
-    enc_state = {k[len("mage.") :]: v for k, v in state.items() if k.startswith("mage.")}
-    tok_state = {k[len("tokenizer.") :]: v for k, v in state.items() if k.startswith("tokenizer.")}
-    return {"encoder": encoder, "encoder_state": enc_state, "tokenizer_arch": tok_arch, "tokenizer_state": tok_state or None}
-
-
-def _from_official(ckpt: dict[str, Any], size: str | None, tokenizer_ckpt: str | None) -> dict[str, Any]:
-    from lightning_mim.checkpoints.mage import load_mage, mage_config
-    from lightning_mim.nn.vqgan import official_maskgit_f16_config
-
-    model, vqgan = load_mage(ckpt, size)
-    size = size or next(n for n in ("base", "large") if mage_config(n)["enc_depth"] == len(model.blocks))
-    encoder = {k: v for k, v in mage_config(size).items() if k in ENCODER_KEYS}
-    if vqgan is None and not tokenizer_ckpt:
-        raise ValueError(
-            "the official MAGE checkpoint holds no tokenizer (vqgan.*): set model.tokenizer_ckpt="
-            "/path/to/vqgan_jax_strongaug.ckpt"
-        )
-    return {
-        "encoder": encoder, "encoder_state": model.state_dict(),
-        "tokenizer_arch": official_maskgit_f16_config(), "tokenizer_state": vqgan,
-    }
-
-
-class MAGEFinetuneModule(Stage2Module):
+class MAGEFinetuneModule(FrozenTokenizerModule):
     """Fine-tune a pre-trained MAGE encoder end to end for classification; logs `val/top1`.
 
-    pretrained: checkpoint path (required; see `load_pretrained`). checkpoint_format / official_size /
+    pretrained: checkpoint path (required; see `checkpoints.mage.load_mage_encoder`). checkpoint_format / official_size /
         tokenizer_ckpt: how to read it. init: `pretrained` | `random` (same architecture, from scratch).
     head_norm: `layernorm` (official fc_norm, trained) | `batchnorm` (BatchNorm1d without affine, the
         linear-probe head). head_init_std: the head's truncated-normal init (official 2e-5).
@@ -270,7 +104,7 @@ class MAGEFinetuneModule(Stage2Module):
                     "model.pretrained is not set: pass model.pretrained=/path/to/last.ckpt (a MAGE pre-training "
                     "checkpoint; init=random still reads it for the architecture and the tokenizer)"
                 )
-            loaded = load_pretrained(
+            loaded = load_mage_encoder(
                 pretrained, checkpoint_format=checkpoint_format, official_size=official_size, tokenizer_ckpt=tokenizer_ckpt
             )
             resolved = {"encoder": loaded["encoder"], "tokenizer_arch": loaded["tokenizer_arch"]}
@@ -300,10 +134,6 @@ class MAGEFinetuneModule(Stage2Module):
         nn.init.trunc_normal_(self.head.weight, std=float(head_init_std), a=-2 * float(head_init_std), b=2 * float(head_init_std))
         nn.init.zeros_(self.head.bias)
         self.mix = mixup_transform(int(num_classes), float(mixup), float(cutmix), float(mixup_prob), float(mixup_switch_prob))
-
-    @property
-    def cannot_generate(self) -> str | None:
-        return "a fine-tuned MAGE classifier has no decoder"
 
     def load_encoder_state(self, state: dict[str, Tensor]) -> None:
         """Copy the encoder's tensors (embeddings, blocks) from a full MAGE state dict; decoder keys

@@ -13,17 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from torch import Tensor
 
-from lightning_mim.decoding import decode
+from lightning_mim.decoding import LogitsFn
 from lightning_mim.losses import masked_token_loss
 from lightning_mim.masking import mask_tokens
-from lightning_mim.modules.stage2 import Stage2Module
+from lightning_mim.modules.stage2 import Stage2Module, masked_accuracy
 from lightning_mim.nn.transformer import BidirectionalTransformer
 from lightning_mim.optim import build_optimizer
-
-VAL_SEED = 1234  # validation masks are drawn from a fixed generator: val/loss is comparable across steps
 
 
 class MaskGITModule(Stage2Module):
@@ -43,7 +40,9 @@ class MaskGITModule(Stage2Module):
         loss_reduction: str = "per_sample_mean",
         class_dropout: float = 0.0,
     ) -> None:
-        super().__init__(tokenizer=tokenizer, num_classes=num_classes if conditional else 0, image_size=image_size)
+        super().__init__(
+            tokenizer=tokenizer, num_classes=num_classes if conditional else 0, image_size=image_size, ratio=ratio, decode=decode
+        )
         self.save_hyperparameters(logger=False)
         if not 0.0 <= class_dropout < 1.0:
             raise ValueError(f"class_dropout must be in [0, 1), got {class_dropout}")
@@ -53,9 +52,6 @@ class MaskGITModule(Stage2Module):
             codebook_size=self.layout.codebook_size,
             **transformer,
         )
-        # Schedules that depend on N (log, exp) get the grid's token count unless the config fixes it.
-        needs_n = "n_tokens" in ratio and ratio["n_tokens"] is None
-        self.ratio_sampler = instantiate(ratio, **({"n_tokens": self.n_tokens} if needs_n else {}))
 
     # -- sequence building ------------------------------------------------------------------------
     def class_tokens(self, labels: Tensor | None, batch: int) -> Tensor:
@@ -83,8 +79,7 @@ class MaskGITModule(Stage2Module):
         loss = masked_token_loss(
             logits, tokens, mask, label_smoothing=self.hparams.label_smoothing, reduction=self.hparams.loss_reduction
         )
-        accuracy = (logits.argmax(-1) == tokens)[mask].float().mean()
-        return loss, accuracy
+        return loss, masked_accuracy(logits, tokens, mask)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         loss, accuracy = self._loss(batch, drop_classes=True)
@@ -92,36 +87,17 @@ class MaskGITModule(Stage2Module):
         self.log("train/masked_acc", accuracy)
         return loss
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        generator = torch.Generator(device=self.device).manual_seed(VAL_SEED + batch_idx)
-        loss, accuracy = self._loss(batch, generator=generator)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/masked_acc", accuracy, sync_dist=True)
+    def masked_loss(self, batch, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        return self._loss(batch, generator=generator)
 
     def configure_optimizers(self):
         return build_optimizer(self.transformer, **self.resolved_optim())
 
     # -- generation and features -----------------------------------------------------------------
-    def generate_tokens(self, labels, num_samples, generator=None, return_steps=False, **overrides):
-        settings = {**self.decode_settings, **overrides}
+    def logits_fn(self, labels: Tensor | None, num_samples: int) -> LogitsFn:
+        """Token ids -> codebook logits with `labels`' class ids (None: the "no class" id) at position 0."""
         class_ids = self.class_tokens(labels, num_samples)
-        null_ids = self.class_tokens(None, num_samples)
-        start = torch.full((num_samples, self.n_tokens), self.layout.mask_id, dtype=torch.long, device=self.device)
-        guidance = float(settings.get("guidance", 0.0) or 0.0)
-        return decode(
-            lambda t: self.logits(t, class_ids),
-            start,
-            mask_id=self.layout.mask_id,
-            steps=int(settings.get("steps", 8)),
-            schedule=settings.get("schedule", "cosine"),
-            choice_temperature=float(settings.get("choice_temperature", 4.5)),
-            temperature=float(settings.get("temperature", 1.0)),
-            generator=generator,
-            return_steps=return_steps,
-            guidance_scale=guidance,
-            guidance_ramp=settings.get("guidance_ramp", "constant"),
-            uncond_logits_fn=(lambda t: self.logits(t, null_ids)) if guidance > 0 else None,
-        )
+        return lambda tokens: self.logits(tokens, class_ids)
 
     @torch.no_grad()
     def encode_features(self, images: Tensor) -> Tensor:

@@ -1,8 +1,14 @@
-"""What MaskGIT and MAGE LightningModules share: the frozen tokenizer, token batches, generation.
+"""What the LightningModules on token grids share, in two layers.
 
-A stage-2 module models token grids. It accepts either token batches (pre-tokenized shards, the fast
-path) or image batches, which it tokenizes on the fly with its frozen tokenizer. The tokenizer's
-weights are part of the stage-2 checkpoint, so a checkpoint alone is enough to generate images.
+`FrozenTokenizerModule`: a frozen tokenizer inside the module (its weights are part of the checkpoint,
+so a checkpoint alone rebuilds everything), token or image batches (images are tokenized on the fly;
+token shards are the fast path), and the optimiser plumbing that needs the trainer (global batch of
+the base_lr rule, warm-up in epochs). MAGE fine-tuning builds on it.
+
+`Stage2Module`: the generative models (MaskGIT, MAGE). A subclass supplies `logits_fn(labels, n)`
+(token ids -> codebook logits, conditioning inside the closure) and `masked_loss(batch, generator)`;
+the base draws masking ratios, runs the seeded validation step and generates with
+`decoding.decode(self.logits_fn(labels, n), start, **self.decode_settings.as_kwargs())`.
 """
 
 from __future__ import annotations
@@ -15,25 +21,32 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from hydra.utils import instantiate
 from torch import Tensor
 
+from lightning_mim.checkpoints.vqgan import load_vqgan
+from lightning_mim.decoding import DecodeSettings, LogitsFn, decode
 from lightning_mim.modules.hparams import plain_config
+from lightning_mim.nn.vqgan import VQGAN
 from lightning_mim.optim import build_optimizer
 from lightning_mim.tokens import TokenLayout
 
 # `model.optim` keys: `optim.build_optimizer`'s arguments plus warm-up given in epochs.
 OPTIM_KEYS = frozenset(inspect.signature(build_optimizer).parameters) - {"model", "groups"} | {"warmup_epochs"}
 MASKED_CELL_GREY = 0.5  # how still-masked latent cells are painted in decoding-progression pictures
+VAL_SEED = 1234  # validation masks come from a fixed generator: val/loss is comparable across steps
 
 
-class Stage2Module(pl.LightningModule):
-    """Base class: subclasses implement `logits_fn(labels)` and the training losses."""
+def masked_accuracy(logits: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
+    """Top-1 accuracy of (B, N, K) `logits` against (B, N) `tokens` on the (B, N) bool `mask` positions."""
+    return (logits.argmax(-1) == tokens)[mask].float().mean()
+
+
+class FrozenTokenizerModule(pl.LightningModule):
+    """Base class of modules that read token grids of a frozen tokenizer (see the module docstring)."""
 
     def __init__(self, *, tokenizer: dict[str, Any], num_classes: int, image_size: int) -> None:
         super().__init__()
-        from lightning_mim.checkpoints.vqgan import load_vqgan
-        from lightning_mim.nn.vqgan import VQGAN
-
         ckpt = tokenizer.get("ckpt")
         if ckpt and Path(ckpt).is_file():
             self.tokenizer = load_vqgan(ckpt)
@@ -145,11 +158,50 @@ class Stage2Module(pl.LightningModule):
             optim.setdefault("global_batch", self.global_batch())
         return optim
 
-    # -- generation --------------------------------------------------------------------------------
-    @property
-    def decode_settings(self) -> dict[str, Any]:
-        return dict(self.hparams.get("decode") or {})
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the tokenizer's real architecture, so the checkpoint rebuilds it even when the
+        config named another (e.g. `tokenizer.ckpt` pointing at the official f=16 weights)."""
+        hparams = checkpoint.get("hyper_parameters")
+        if isinstance(hparams, dict) and isinstance(hparams.get("tokenizer"), dict):
+            hparams["tokenizer"] = {**hparams["tokenizer"], "arch": plain_config(self.tokenizer.config)}
 
+
+class Stage2Module(FrozenTokenizerModule):
+    """Generative stage 2: subclasses implement `logits_fn(labels, num_samples)` and
+    `masked_loss(batch, generator) -> (loss, masked accuracy)`.
+
+    ratio: a `_target_` spec of a masking-ratio distribution (`masking.py`); `n_tokens: null` is
+        filled with the grid's token count. decode: every `DecodeSettings` field (the config's
+        `decode` group), the settings `generate()` uses unless overridden per call.
+    """
+
+    def __init__(
+        self, *, tokenizer: dict[str, Any], num_classes: int, image_size: int, ratio: dict[str, Any], decode: dict[str, Any]
+    ) -> None:
+        super().__init__(tokenizer=tokenizer, num_classes=num_classes, image_size=image_size)
+        self.decode_settings = DecodeSettings.from_mapping(decode)
+        # Ratio distributions that depend on N (log, exp schedules) get the grid's token count.
+        needs_n = "n_tokens" in ratio and ratio["n_tokens"] is None
+        self.ratio_sampler = instantiate(ratio, **({"n_tokens": self.n_tokens} if needs_n else {}))
+
+    # -- what subclasses supply -------------------------------------------------------------------
+    def logits_fn(self, labels: Tensor | None, num_samples: int) -> LogitsFn:
+        """(B, N) token ids -> (B, N, K) codebook logits, conditioned on `labels` (None: unconditional)."""
+        raise NotImplementedError
+
+    def masked_loss(self, batch, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """(loss, masked-token accuracy) of a batch under masks drawn from `generator`."""
+        raise NotImplementedError
+
+    # -- validation --------------------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx: int) -> None:
+        """The masked loss under masks seeded by VAL_SEED + batch index (same masks at every evaluation)."""
+        generator = torch.Generator(device=self.device).manual_seed(VAL_SEED + batch_idx)
+        loss, accuracy = self.masked_loss(batch, generator)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/masked_acc", accuracy, sync_dist=True)
+
+    # -- generation --------------------------------------------------------------------------------
     def default_labels(self, num_samples: int) -> Tensor | None:
         """Class-balanced labels (0, 1, ..., C-1, 0, ...) or None when unconditional."""
         if self.num_classes == 0:
@@ -161,8 +213,35 @@ class Stage2Module(pl.LightningModule):
         """None when `generate()` works; else why not (generation callbacks then skip with a warning)."""
         return None
 
-    def generate_tokens(self, labels: Tensor | None, num_samples: int, generator=None, return_steps=False, **overrides):
-        raise NotImplementedError
+    def generate_tokens(
+        self,
+        labels: Tensor | None,
+        num_samples: int,
+        generator: torch.Generator | None = None,
+        return_steps: bool = False,
+        **overrides: Any,
+    ):
+        """(num_samples, N) decoded token ids (and each step's grid with `return_steps`), from an all-mask
+        start, with `decode_settings` changed by `overrides` (DecodeSettings field names)."""
+        if self.cannot_generate:
+            raise NotImplementedError(self.cannot_generate)
+        settings = self.decode_settings.replace(**overrides)
+        if settings.guidance_scale > 0 and self.num_classes == 0:
+            raise ValueError(
+                f"{type(self).__name__} is unconditional: classifier-free guidance (decode.guidance_scale > 0) does not apply"
+            )
+        mask_id = self.layout.mask_id
+        start = torch.full((num_samples, self.n_tokens), mask_id, dtype=torch.long, device=self.device)
+        uncond = self.logits_fn(None, num_samples) if settings.guidance_scale > 0 else None
+        return decode(
+            self.logits_fn(labels, num_samples),
+            start,
+            mask_id=mask_id,
+            generator=generator,
+            return_steps=return_steps,
+            uncond_logits_fn=uncond,
+            **settings.as_kwargs(),
+        )
 
     @torch.no_grad()
     def generate(
@@ -192,10 +271,3 @@ class Stage2Module(pl.LightningModule):
             return self.tokens_to_images(out)
         tokens, steps = out
         return self.tokens_to_images(tokens), [self.tokens_to_images(s) for s in steps]
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the tokenizer's real architecture, so the checkpoint rebuilds it even when the
-        config named another (e.g. `tokenizer.ckpt` pointing at the official f=16 weights)."""
-        hparams = checkpoint.get("hyper_parameters")
-        if isinstance(hparams, dict) and isinstance(hparams.get("tokenizer"), dict):
-            hparams["tokenizer"] = {**hparams["tokenizer"], "arch": plain_config(self.tokenizer.config)}

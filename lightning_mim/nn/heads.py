@@ -57,7 +57,7 @@ class MLMHead(nn.Module):
 class ProjectionHead(nn.Module):
     """MAGE-C's 2-layer MLP projection head: Linear -> ReLU -> Linear (SimCLR v1's head).
 
-    The paper gives no widths or layout (PAPERS.md: [open]); 2048 -> 256 is our default.
+    The paper gives no widths or layout (docs/FIDELITY.md "MAGE-C": [open]); 2048 -> 256 is our default.
     """
 
     def __init__(self, in_dim: int, hidden: int = 2048, out: int = 256) -> None:

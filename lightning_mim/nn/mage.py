@@ -1,4 +1,4 @@
-"""MAGE's encoder-decoder over token grids (PAPERS.md "MAGE"; `LTH14/mage` `models_mage.py`).
+"""MAGE's encoder-decoder over token grids (docs/FIDELITY.md "MAGE"; `LTH14/mage` `models_mage.py`).
 
 The caller (masking helpers) chooses which image tokens are masked and which of those are dropped
 from the encoder input, from one noise ranking, so dropped is a subset of masked. This module:

@@ -1,7 +1,7 @@
 """Vector quantiser of the MaskGIT/VQGAN tokenizer, with the usual training options.
 
-Default behaviour is the official one (PAPERS.md, "MaskGIT tokenizer"): nearest codebook entry by
-squared L2, loss = ||sg[z] - e||^2 + beta * ||z - sg[e]||^2 with beta = 0.25 (beta on the
+Default behaviour is the official one (docs/FIDELITY.md "MaskGIT tokenizer"): nearest codebook entry
+by squared L2, loss = ||sg[z] - e||^2 + beta * ||z - sg[e]||^2 with beta = 0.25 (beta on the
 *commitment* term, as in MaskGIT's JAX code; MAGE's PyTorch port keeps a legacy swap), and a
 straight-through gradient from z_q to z. With the default options the only tensor in the state
 dict is `embedding.weight`, so the official checkpoint loads strictly.

@@ -1,4 +1,4 @@
-"""Transformer building blocks and MaskGIT's bidirectional transformer (PAPERS.md "MaskGIT training").
+"""Transformer building blocks and MaskGIT's bidirectional transformer (docs/FIDELITY.md "MaskGIT training").
 
 One attention module, one MLP, one pre-LN block (used by the pre-LN transformer and by both halves
 of MAGE) and one post-LN block (the official MaskGIT/BERT layout). Attention goes through

@@ -1,6 +1,6 @@
 """The MaskGIT tokenizer (VQGAN without attention), one class from a 32x32 toy to the official f=16.
 
-Architecture (PAPERS.md, "MaskGIT tokenizer"; MaskGIT `nets/vqgan_tokenizer.py`, MAGE `taming/`):
+Architecture (docs/FIDELITY.md "MaskGIT tokenizer"; MaskGIT `nets/vqgan_tokenizer.py`, MAGE `taming/`):
 
     encoder: conv3x3 (no bias) -> for each level: `num_res_blocks` ResBlocks, 2x2 average pool
              (not after the last level) -> 2 mid ResBlocks -> GroupNorm -> swish -> conv1x1 (bias)
