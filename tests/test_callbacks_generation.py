@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_mim.callbacks import GenerationMetrics
 from lightning_mim.callbacks._schedule import EvalSchedule
-from lightning_mim.eval.testing import FakeGenerator, SyntheticImageDataModule
+from _fakes import FakeGenerator, SyntheticImageDataModule
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -73,7 +73,7 @@ def test_every_n_steps_without_validation(tmp_path, quiet_trainer):
 
 
 def test_metrics_do_not_live_on_the_module(tmp_path, quiet_trainer):
-    """FIELD_NOTES: a metric stored on the LightningModule bloats every checkpoint."""
+    """docs/DEPENDENCIES.md: a metric stored on the LightningModule bloats every checkpoint."""
     module = FakeGenerator()
     before = set(module.state_dict())
     trainer = _trainer(quiet_trainer, [_callback(tmp_path)], max_epochs=1, limit_train_batches=1)

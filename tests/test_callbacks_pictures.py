@@ -18,7 +18,7 @@ from lightning_mim.callbacks.pictures import (
     reconstruction_grid,
     supported_kinds,
 )
-from lightning_mim.eval.testing import FakeGenerator, SyntheticImageDataModule
+from _fakes import FakeGenerator, SyntheticImageDataModule
 
 S, PAD = 16, 2  # image size of the fakes, make_grid padding
 

@@ -8,7 +8,7 @@ import torch
 
 from lightning_mim.callbacks import LinearProbe
 from lightning_mim.callbacks.linear_probe import encode_split
-from lightning_mim.eval.testing import FakeGenerator, SyntheticImageDataModule
+from _fakes import FakeGenerator, SyntheticImageDataModule
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
+from lightning_mim.callbacks import CorruptSampleLogger
 from lightning_mim.data import (
-    CorruptSampleLogger,
     DigitsDataModule,
     ImageDataModule,
     ImageTransform,
@@ -349,7 +349,8 @@ def test_lightning_fit_uses_fixed_epochs_and_logs_corrupt_counts(cache, tmp_path
 _DDP_SCRIPT = '''
 import json, sys
 import torch, lightning.pytorch as pl
-from lightning_mim.data import DigitsDataModule, CorruptSampleLogger
+from lightning_mim.callbacks import CorruptSampleLogger
+from lightning_mim.data import DigitsDataModule
 
 class M(pl.LightningModule):
     def __init__(self):

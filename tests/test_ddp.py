@@ -1,8 +1,8 @@
 """Scale-out on CPU: `trainer=ddp` with 2 gloo processes end to end, the trainer configs (ddp, torchrun,
 slurm) against Lightning's cluster environments, per-rank seeds, and the global batch of the lr rule.
 
-The end-to-end run records what every rank saw with `lightning_mim.callbacks.rank_data.RankDataRecorder`
-(one JSON per rank) and checks: disjoint data, a falling loss, identical synced metrics, different random
+The end-to-end run records what every rank saw with `RankDataRecorder` (tests/_rank_recorder.py, one JSON
+per rank) and checks: disjoint data, a falling loss, identical synced metrics, different random
 draws per rank, one checkpoint, one MLflow run. Multi-process runs go through `run_processes`: one
 thread per rank, a hard timeout, and on a hang every rank's stack in the failure message (never a stuck CI).
 """
@@ -10,6 +10,7 @@ thread per rank, a hard timeout, and on a hang every rank's stack in the failure
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,10 +20,12 @@ import psutil
 import pytest
 import torch
 
-RECORDER = "lightning_mim.callbacks.rank_data.RankDataRecorder"
-PER_RANK_SEED = "lightning_mim.callbacks.rank_data.PerRankSeed"
+RECORDER = "_rank_recorder.RankDataRecorder"  # a test helper: the ranks import it from tests/ (`recorder_env`)
+PER_RANK_SEED = "lightning_mim.callbacks.PerRankSeed"
+TESTS_DIR = Path(__file__).resolve().parent
 
 
+from _decode import decode_config  # noqa: E402
 from _processes import CHILD_ENV, LAUNCHER_ENV, ProcessesHung, child_env, run_processes  # noqa: E402,F401
 
 
@@ -39,7 +42,15 @@ def merge_overrides(base: list[str], *changes: str) -> list[str]:
 
 
 def recorder_overrides(out_dir: Path) -> list[str]:
+    """Overrides that add `RankDataRecorder` writing to `out_dir`; run them with `recorder_env`."""
     return [f"+callbacks.rank_data._target_={RECORDER}", f"+callbacks.rank_data.out_dir={out_dir}"]
+
+
+def recorder_env(home: Path) -> dict[str, str]:
+    """`child_env(home)` with tests/ first on PYTHONPATH, so every rank can import the recorder."""
+    env = child_env(home)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS_DIR), env.get("PYTHONPATH")) if p)
+    return env
 
 
 def read_ranks(out_dir: Path, world: int) -> list[dict]:
@@ -52,7 +63,7 @@ def val_split_hashes(overrides: list[str]) -> list[str]:
     """Hashes of every sample of the val split, read in this process (rank 0 of 1) with the run's data config."""
     from hydra.utils import instantiate
 
-    from lightning_mim.callbacks.rank_data import sample_hashes
+    from _rank_recorder import sample_hashes
     from lightning_mim.orchestration.config import absolutize_paths, compose
 
     cfg = compose(overrides)
@@ -86,7 +97,7 @@ def assert_exact_disjoint_cover(ranks: list[dict], expected: list[str]) -> None:
 
 
 def test_sample_hashes_identify_samples():
-    from lightning_mim.callbacks.rank_data import sample_hashes
+    from _rank_recorder import sample_hashes
 
     x = torch.rand(4, 3, 8, 8)
     h = sample_hashes(x)
@@ -97,7 +108,7 @@ def test_sample_hashes_identify_samples():
 
 
 def test_per_rank_seed_keeps_rank_zero_and_separates_ranks():
-    from lightning_mim.callbacks.rank_data import PerRankSeed
+    from lightning_mim.callbacks import PerRankSeed
 
     draws = []
     for rank in (0, 1, 2):
@@ -188,7 +199,7 @@ def test_mage_base_lr_counts_every_rank_and_accumulation():
     optim = {"name": "adamw", "lr": None, "base_lr": 1.5e-4, "betas": [0.9, 0.95], "weight_decay": 0.05,
              "decay_norms_and_biases": False, "warmup_epochs": 1, "schedule": "cosine"}
     ratio = {"_target_": "lightning_mim.masking.FixedRatio", "value": 0.75}
-    module = MAGEModule(arch=arch, tokenizer=tokenizer, ratio=ratio, decode={"steps": 2}, optim=optim, image_size=8)
+    module = MAGEModule(arch=arch, tokenizer=tokenizer, ratio=ratio, decode=decode_config(steps=2), optim=optim, image_size=8)
     for per_device, world, accumulate in ((64, 64, 1), (128, 8, 4), (64, 1, 1)):
         module.trainer = _fake_trainer(per_device, world, accumulate, batches_per_epoch=40)
         optimizer = module.configure_optimizers()["optimizer"]
@@ -208,7 +219,7 @@ def test_maskgit_base_lr_counts_every_rank():
     transformer = {"width": 32, "depth": 1, "heads": 2, "mlp_dim": 64}
     ratio = {"_target_": "lightning_mim.masking.ScheduleRatio", "schedule": "cosine"}
     optim = {"name": "adam", "lr": None, "base_lr": 1e-4, "betas": [0.9, 0.96], "weight_decay": 0.045, "warmup_steps": 0}
-    module = MaskGITModule(transformer=transformer, tokenizer=tokenizer, ratio=ratio, decode={"steps": 2}, optim=optim,
+    module = MaskGITModule(transformer=transformer, tokenizer=tokenizer, ratio=ratio, decode=decode_config(steps=2), optim=optim,
                            num_classes=10, image_size=8)
     module.trainer = _fake_trainer(32, 8, 2)
     optimizer = module.configure_optimizers()["optimizer"]
@@ -304,7 +315,7 @@ def test_two_process_ddp_on_cpu(session_home, tiny_stage2_overrides, tmp_path):
         f"+callbacks.rank_seed._target_={PER_RANK_SEED}",
         "+callbacks.rank_seed.seed=${seed}",
     )
-    run_processes([train_command(args)], child_env(home), tmp_path / "logs", timeout=240)
+    run_processes([train_command(args)], recorder_env(home), tmp_path / "logs", timeout=240)
     r0, r1 = ranks = read_ranks(rank_dir, 2)
 
     # the layout Lightning launched: 2 processes on one node, gloo, one intra-op thread each

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_mim.eval.generation import evaluate_generation, real_statistics_path
-from lightning_mim.eval.testing import FakeGenerator, ProjectionExtractor, SyntheticImageDataModule
+from _fakes import FakeGenerator, ProjectionExtractor, SyntheticImageDataModule
 
 KW = dict(num_samples=50, batch_size=16, progress=False)
 

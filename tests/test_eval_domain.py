@@ -10,7 +10,7 @@ import torch
 
 import lightning_mim.eval.domain_classifier as dc
 from lightning_mim.eval.extractors import DomainExtractor, build_extractor
-from lightning_mim.eval.testing import SyntheticImageDataModule
+from _fakes import SyntheticImageDataModule
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

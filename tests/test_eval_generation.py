@@ -7,7 +7,7 @@ import torch
 
 import lightning_mim.eval.generation as gen
 from lightning_mim.eval.generation import evaluate_generation, real_statistics_path
-from lightning_mim.eval.testing import FakeGenerator, ProjectionExtractor, SyntheticImageDataModule
+from _fakes import FakeGenerator, ProjectionExtractor, SyntheticImageDataModule
 
 DOMAIN = {"epochs": 20}
 

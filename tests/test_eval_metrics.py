@@ -8,7 +8,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 
-from lightning_mim.eval.extractors import to_uint8
+from lightning_mim.eval.images import to_uint8
 from lightning_mim.eval.generation import (
     RealStatistics,
     classification_accuracy_score,

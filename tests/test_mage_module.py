@@ -1,4 +1,4 @@
-"""MAGEModule / MAGE-C pinned to PAPERS.md "MAGE" and "MAGE-C": masks, loss, gradients, generation,
+"""MAGEModule / MAGE-C pinned to docs/FIDELITY.md "MAGE" and "MAGE-C": masks, loss, gradients, generation,
 features, the contrastive term, the optimiser recipe, configs."""
 
 from __future__ import annotations

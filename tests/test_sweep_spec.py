@@ -71,8 +71,13 @@ def test_pruner_option_defaults_by_sweep_kind_and_rejects_unknown_names():
 
 
 def test_pruning_callback_comes_from_the_trial_environment(monkeypatch):
+    from lightning_mim.orchestration.protocol import TRIAL_ENV, TrialContext
+    from lightning_mim.orchestration.pruning import build_pruner
     from lightning_mim.orchestration.pruning_callback import OptunaPruning, from_env
-    from lightning_mim.orchestration.pruning import TRIAL_ENV, build_pruner, trial_env
+
+    def trial_env(storage, study, trial_id, monitor, pruner):
+        target = dict(storage=storage, study=study, trial_id=trial_id, monitor=monitor, pruner=pruner)
+        return TrialContext(pruning=target).environment()
 
     monkeypatch.delenv(TRIAL_ENV, raising=False)
     assert from_env() is None  # outside a sweep

@@ -15,10 +15,10 @@ import sys
 import pytest
 from test_ddp import (
     assert_exact_disjoint_cover,
-    child_env,
     assert_synced_val_metrics,
     merge_overrides,
     read_ranks,
+    recorder_env,
     recorder_overrides,
     run_processes,
     val_split_hashes,
@@ -75,7 +75,7 @@ def test_two_nodes_by_torchrun_on_loopback(session_home, tiny_stage2_overrides, 
     )
     port = free_port()
     commands = [torchrun_command(port, "lmim-test", args, hosts_store=node == 0) for node in range(2)]
-    run_processes(commands, child_env(home), tmp_path / "logs", timeout=TIMEOUT)
+    run_processes(commands, recorder_env(home), tmp_path / "logs", timeout=TIMEOUT)
 
     ranks = read_ranks(rank_dir, 2)
     assert sorted(r["rank"]["node_rank"] for r in ranks) == [0, 1]

@@ -3,7 +3,7 @@
 All the work is `lightning_mim.eval.generation.evaluate_generation` (shared with
 `python -m lightning_mim.evaluate`); this class decides when, builds the feature extractors once
 (failing at start-up if the Inception weights file is missing) and logs `val/...` or `test/...`.
-The extractors live here, not on the LightningModule, so checkpoints stay small (FIELD_NOTES).
+The extractors live here, not on the LightningModule, so checkpoints stay small (docs/DEPENDENCIES.md).
 """
 
 from __future__ import annotations

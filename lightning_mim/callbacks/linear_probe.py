@@ -15,16 +15,16 @@ import torch
 from torch import Tensor
 
 from lightning_mim.callbacks._schedule import EvalSchedule, log_metrics
-from lightning_mim.eval.domain_classifier import split_loader
-from lightning_mim.eval.distributed import all_gather_object, rank_and_world, shard_eval_loader
-from lightning_mim.eval.generation import FeatureGather
+from lightning_mim.data.pipeline import dist_info
+from lightning_mim.eval.distributed import FeatureGather, all_gather_object
+from lightning_mim.eval.loaders import shard_eval_loader, split_loader
 from lightning_mim.eval.probe import OPTIMIZERS, fewshot_top1, knn_top1, train_linear_probe
 
 
 @torch.no_grad()
 def encode_split(module: Any, loader: Iterable, *, max_samples: int | None = None) -> tuple[Tensor, Tensor]:
     """(features (N, D), labels (N,)) of `module.encode_features` over `loader`, gathered over ranks."""
-    _, world = rank_and_world()
+    _, world = dist_info(from_env=False)
     cap = None if max_samples is None else -(-int(max_samples) // world)
     device = module.device
     gather = FeatureGather().to(device)

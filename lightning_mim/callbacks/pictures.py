@@ -4,7 +4,7 @@ Kinds of picture:
 - `class_grid`: one row per class (up to `max_classes`, evenly spaced over the classes), `per_class` samples each.
 - `uncond_grid`: `num_uncond` unconditional samples.
 - `progression`: one row per decoding step (still-masked tokens drawn by the module, grey), then a
-  last row with the final images (MaskGIT's output is the last step's samples, see PAPERS.md).
+  last row with the final images (MaskGIT's output is the last step's samples, see docs/FIDELITY.md).
 - `reconstructions`: the first val images (top row) above the tokenizer's reconstructions (row below).
 Files go to `out_dir/<kind>/step_<global step>.png` (default `default_root_dir/pictures`), so they
 exist without MLflow; with an `MLFlowLogger` each kind is also a stepped image series (`key=kind`).
@@ -27,7 +27,7 @@ from torchvision.utils import make_grid
 
 from lightning_mim.callbacks._schedule import EvalSchedule, why_no_generation
 from lightning_mim.eval.distributed import device_of
-from lightning_mim.eval.extractors import to_uint8
+from lightning_mim.eval.images import to_uint8
 
 KINDS = ("class_grid", "uncond_grid", "progression", "reconstructions")
 

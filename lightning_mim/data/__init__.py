@@ -3,7 +3,8 @@
 Entry points:
 - `python -m lightning_mim.data.prepare {digits,imagefolder,verify} ...` writes / checks shards;
 - `DigitsDataModule`, `ImageFolderDataModule`, `ImageDataModule` (any image shards, any URL),
-  `TokenDataModule` (pre-tokenized shards for stage 2), `CorruptSampleLogger` (callback);
+  `TokenDataModule` (pre-tokenized shards for stage 2); their skipped-sample counts are logged by
+  `lightning_mim.callbacks.CorruptSampleLogger`;
 - `write_image_shards`, `write_token_shards`, `read_manifest`, `shard_urls` (from `shards`).
 
 Names are imported lazily, so the writer and the prepare CLI start without importing Lightning.
@@ -15,7 +16,6 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "CorruptSampleLogger": "callbacks",
     "DigitsDataModule": "datamodules",
     "DigitsShardOptions": "digits",
     "ImageDataModule": "datamodules",

@@ -5,7 +5,7 @@ opened with the matching Pillow decoder only), `cls` (a decimal integer), `json`
 shards, `tokens` (raw integers). Every other entry is dropped undecoded; nothing from a shard is
 ever unpickled (webdataset's `.decode()` would unpickle `.pyd`/`.pickle` entries, so we don't use it).
 
-Two loader shapes (FIELD_NOTES, webdataset 1.0.2):
+Two loader shapes (docs/DEPENDENCIES.md, webdataset 1.0.2):
 - training: every rank and worker draws shards *with replacement* from the whole list (no node
   splitting, `ResampledShards`), shuffles samples in a buffer, decodes, batches inside the worker;
   `FixedBatches` then yields exactly `batches_per_epoch` batches per epoch on every rank, so DDP ranks
@@ -265,13 +265,24 @@ class CorruptCounter:
 # ------------------------------------------------------------------------------ seeds and splitting
 
 
-def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """(rank, world_size): explicit values, else torch.distributed, else env RANK/WORLD_SIZE, else (0, 1)."""
+def is_distributed() -> bool:
+    """True when a default torch.distributed process group is initialised (collectives then reach every rank)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def dist_info(rank: int | None = None, world_size: int | None = None, *, from_env: bool = True) -> tuple[int, int]:
+    """(rank, world_size): explicit values, else the initialised process group, else env RANK/WORLD_SIZE
+    (only with `from_env`), else (0, 1). Raises ValueError unless 0 <= rank < world_size.
+
+    Data loaders read the launcher's env so they split shards before a process group exists. Code that
+    runs collectives (the evaluation's gathers and barriers) passes `from_env=False`: without a process
+    group its collectives are no-ops, so it must see itself as rank 0 of 1.
+    """
     if rank is not None and world_size is not None:
         r, w = int(rank), int(world_size)
-    elif torch.distributed.is_available() and torch.distributed.is_initialized():
+    elif is_distributed():
         r, w = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    elif from_env and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         r, w = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     else:
         r, w = 0, 1

@@ -1,7 +1,8 @@
 """The little DDP plumbing the evaluation code needs, usable with or without Lightning.
 
 Everything here is a no-op in a single process, so the same code runs from a callback under DDP and
-from `python -m lightning_mim.evaluate` on one device.
+from `python -m lightning_mim.evaluate` on one device. The rank comes from the data layer's
+`dist_info(from_env=False)`: the rank within the initialised process group, (0, 1) without one.
 """
 
 from __future__ import annotations
@@ -10,23 +11,17 @@ from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, IterableDataset
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from lightning_mim.data.pipeline import dist_info, is_distributed
 
 T = TypeVar("T")
 
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world_size) of the default process group, (0, 1) without one."""
-    if is_distributed():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
     if is_distributed():
         dist.barrier()
 
@@ -51,7 +46,7 @@ def all_gather_object(obj: Any) -> list[Any]:
 
 def rank_zero_first(fn: Callable[[], T]) -> T:
     """Run `fn` on rank 0, then on the other ranks (which then find rank 0's on-disk cache)."""
-    rank, _ = rank_and_world()
+    rank, _ = dist_info(from_env=False)
     out = fn() if rank == 0 else None
     barrier()
     if rank != 0:
@@ -60,34 +55,40 @@ def rank_zero_first(fn: Callable[[], T]) -> T:
     return out  # type: ignore[return-value]
 
 
-def shard_eval_loader(loader: DataLoader) -> DataLoader:
-    """This rank's share of an exact evaluation pass.
+class FeatureGather(Metric):
+    """Per-rank (features (B, D), logits (B, K), labels (B,)) rows; `compute()` returns every rank's
+    rows concatenated (torchmetrics `cat` states), as (float32, float32, int64) tensors.
 
-    Lightning shards map-style evaluation loaders itself, but a loader we fetch from the DataModule
-    ourselves is not sharded. Map-style loaders are rebuilt with Lightning's
-    `UnrepeatedDistributedSampler` (no padding duplicates, unlike `DistributedSampler`); iterable
-    (webdataset) loaders are assumed to split by node themselves, as our DataModules do.
+    Every rank must call `compute()` (it is a collective under DDP), and every rank must have updated
+    at least once with the right trailing shapes (a rank without data updates with zero rows).
     """
-    rank, world = rank_and_world()
-    if world == 1 or not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
-        return loader
-    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
-    if isinstance(loader.sampler, UnrepeatedDistributedSampler):
-        return loader
-    sampler = UnrepeatedDistributedSampler(loader.dataset, num_replicas=world, rank=rank, shuffle=False)
-    kwargs: dict[str, Any] = dict(
-        batch_size=loader.batch_size,
-        sampler=sampler,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        drop_last=False,
-    )
-    return DataLoader(loader.dataset, **kwargs)
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("features", [], dist_reduce_fx="cat")
+        self.add_state("logits", [], dist_reduce_fx="cat")
+        self.add_state("labels", [], dist_reduce_fx="cat")
+
+    def update(self, features: Tensor, logits: Tensor, labels: Tensor) -> None:
+        if features.ndim != 2 or logits.ndim != 2 or labels.ndim != 1:
+            raise ValueError(
+                f"FeatureGather expects features (B, D), logits (B, K), labels (B,), got "
+                f"{tuple(features.shape)}, {tuple(logits.shape)}, {tuple(labels.shape)}"
+            )
+        if not len(features) == len(logits) == len(labels):
+            raise ValueError(f"FeatureGather: row counts differ: {len(features)}, {len(logits)}, {len(labels)}")
+        self.features.append(features.float())
+        self.logits.append(logits.float())
+        self.labels.append(labels.long())
+
+    def compute(self) -> tuple[Tensor, Tensor, Tensor]:
+        return dim_zero_cat(self.features), dim_zero_cat(self.logits), dim_zero_cat(self.labels)
 
 
 def device_of(module: torch.nn.Module) -> torch.device:
+    """The device of `module`'s first parameter (else first buffer), CPU for a module with neither."""
     for p in module.parameters():
         return p.device
     for b in module.buffers():

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_mim.eval.distributed import rank_zero_first
+from lightning_mim.eval.images import to_uint8
+from lightning_mim.eval.loaders import split_loader
 
 log = logging.getLogger(__name__)
 
@@ -163,19 +165,13 @@ def _train(
     return model, accuracy(model, val_images, val_labels)
 
 
-def split_loader(datamodule: Any, split: str, *, whole: bool = False):
-    """An exact pass over a whole split, independent of the run's budget (`batches_per_epoch`,
-    `val_batches`): the cached classifier and statistics must not depend on one run's settings.
-    DataModules without `exact_dataloader` (test fakes) fall back to their plain loaders."""
-    if hasattr(datamodule, "exact_dataloader"):
-        return datamodule.exact_dataloader(split, whole=whole)
-    return {"train": datamodule.train_dataloader, "val": datamodule.val_dataloader}.get(split, datamodule.test_dataloader)()
-
-
 def collect_images(batches: Iterable, max_images: int | None = None) -> tuple[Tensor, Tensor]:
-    """One pass of an (images, labels) loader into memory: (uint8 (N,3,H,W), int64 (N,))."""
-    from lightning_mim.eval.extractors import to_uint8
+    """One pass of an (images, labels) loader into memory: (uint8 (N,3,H,W), int64 (N,)).
 
+    `images` are float in [0, 1] or uint8; stops once `max_images` are read (then cut to exactly that).
+    """
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be >= 1 or None, got {max_images}")
     images, labels, n = [], [], 0
     for x, y in batches:
         images.append(to_uint8(x).cpu())

@@ -20,23 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_mim.eval.domain_classifier import DomainClassifier
+from lightning_mim.eval.domain_classifier import (
+    DomainClassifier,
+    classifier_cache_path,
+    load_or_train_domain_classifier,
+)
+from lightning_mim.eval.images import to_uint8
 
 EXTRACTORS = ("domain", "inception")
 INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILENAME}"
 INCEPTION_CONFIG_KEY = "callbacks.generation_metrics.inception_weights"
 INCEPTION_ENV = "LIGHTNING_MIM_INCEPTION_WEIGHTS"
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """Float images in [0, 1] -> uint8 by rounding (CONVENTIONS.md); uint8 passes through.
-
-    Not `(x * 255).byte()`, which truncates and biases most pixels one level down (FIELD_NOTES).
-    """
-    if images.dtype == torch.uint8:
-        return images
-    return (images.detach().float().clamp(0, 1) * 255 + 0.5).to(torch.uint8)
 
 
 class FeatureExtractor(nn.Module):
@@ -142,8 +137,6 @@ def build_extractor(
     if name == "domain":
         if datamodule is None or cache_dir is None:
             raise ValueError("the 'domain' extractor needs a datamodule and a cache_dir")
-        from lightning_mim.eval.domain_classifier import classifier_cache_path, load_or_train_domain_classifier
-
         options = dict(domain_classifier or {})
         model, info = load_or_train_domain_classifier(datamodule, cache_dir, device=device, **options)
         cache_id = "domain-" + classifier_cache_path(cache_dir, str(datamodule.fingerprint), options).stem

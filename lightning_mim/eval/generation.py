@@ -3,7 +3,7 @@
 How the pieces fit:
 - One forward of a `FeatureExtractor` per image batch gives features (FID, KID, P&R) and logits
   (IS, CAS). The math is the libraries': torchmetrics' FID / KID / IS metrics fed with precomputed
-  features (an identity `feature=` module; FIELD_NOTES: a custom module gets its input unchanged) and
+  features (an identity `feature=` module; docs/DEPENDENCIES.md: a custom module gets its input unchanged) and
   torch-fidelity's `prc_features_to_metric` for precision/recall. Nothing here re-derives a formula.
 - DDP: each rank generates its share of the samples; the per-rank features are synced by a
   torchmetrics metric with `cat` states (`FeatureGather`), so `compute()` runs on every rank and every
@@ -28,18 +28,12 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 
-from lightning_mim.eval.distributed import (
-    barrier,
-    broadcast_object,
-    device_of,
-    rank_and_world,
-    shard_eval_loader,
-)
-from lightning_mim.eval.domain_classifier import split_loader
-from lightning_mim.eval.extractors import EXTRACTORS, FeatureExtractor, build_extractor, to_uint8
+from lightning_mim.data.pipeline import dist_info
+from lightning_mim.eval.distributed import FeatureGather, barrier, broadcast_object, device_of
+from lightning_mim.eval.extractors import EXTRACTORS, FeatureExtractor, build_extractor
+from lightning_mim.eval.images import to_uint8
+from lightning_mim.eval.loaders import shard_eval_loader, split_loader
 
 log = logging.getLogger(__name__)
 
@@ -59,29 +53,9 @@ class _Precomputed(nn.Module):
         return x
 
 
-class FeatureGather(Metric):
-    """Per-rank (features, logits, labels) rows; `compute()` returns every rank's rows concatenated."""
-
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("features", [], dist_reduce_fx="cat")
-        self.add_state("logits", [], dist_reduce_fx="cat")
-        self.add_state("labels", [], dist_reduce_fx="cat")
-
-    def update(self, features: Tensor, logits: Tensor, labels: Tensor) -> None:
-        self.features.append(features.float())
-        self.logits.append(logits.float())
-        self.labels.append(labels.long())
-
-    def compute(self) -> tuple[Tensor, Tensor, Tensor]:
-        return dim_zero_cat(self.features), dim_zero_cat(self.logits), dim_zero_cat(self.labels)
-
-
 def _progress(iterable: Iterable, total: int, description: str, enabled: bool) -> Iterable:
     """A rich progress bar on rank 0 when stderr is a terminal; the bare iterable otherwise."""
-    if not enabled or rank_and_world()[0] != 0 or not sys.stderr.isatty():
+    if not enabled or dist_info(from_env=False)[0] != 0 or not sys.stderr.isatty():
         return iterable
     from rich.progress import track
 
@@ -291,7 +265,7 @@ def extract_real_features(
     (see `shard_eval_loader`); at most ceil(num_real / world) images are read per rank, and the
     gathered set is cut to `num_real`.
     """
-    _, world = rank_and_world()
+    _, world = dist_info(from_env=False)
     cap = None if num_real is None else -(-int(num_real) // world)
     gathers = [FeatureGather().to(device) for _ in extractors]
     seen = 0
@@ -358,7 +332,7 @@ def load_or_compute_real_statistics(
         feats = extract_real_features(
             [extractors[i] for i in missing], loader, device=device, num_real=num_real, progress=progress
         )
-        rank, _ = rank_and_world()
+        rank, _ = dist_info(from_env=False)
         for i, f in zip(missing, feats):
             meta = dict(
                 fingerprint=fingerprint,
@@ -409,7 +383,7 @@ def generate_features(
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2, got {num_samples}")
     device = torch.device(device) if device is not None else device_of(module)
-    rank, world = rank_and_world()
+    rank, world = dist_info(from_env=False)
     num_classes = int(getattr(module, "num_classes", 0) or 0)
     plan = _batch_plan(int(num_samples), int(batch_size))
     mine = [(b, s, e) for b, (s, e) in enumerate(plan) if b % world == rank]

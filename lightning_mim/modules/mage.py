@@ -2,7 +2,7 @@
 
 Composes `nn.mage.MAGE` (encoder-decoder), the ratio distributions and masks of `masking.py`, the
 losses of `losses.py` (`masked_token_loss`, `info_nce`) and `decoding.decode`; it implements none of
-them. PAPERS.md "MAGE" / "MAGE-C" is the spec.
+them. docs/FIDELITY.md "MAGE" / "MAGE-C" is the spec.
 
 One training step (MAGE):
     tokens (B, N)                      frozen tokenizer on the fly, or token shards

@@ -39,7 +39,7 @@ from lightning_mim.nn.discriminator import (
 from lightning_mim.nn.quantizer import codebook_usage, entropy_loss, perplexity_from_counts
 from lightning_mim.nn.vqgan import VQGAN
 
-# Defaults = the paper's values (PAPERS.md "MaskGIT tokenizer"); configs override them.
+# Defaults = the paper's values (docs/FIDELITY.md "MaskGIT tokenizer"); configs override them.
 LOSS_DEFAULTS: dict[str, Any] = dict(
     reconstruction="l2",  # l1 | l2 ([open]: MaskGIT's trainer is unreleased; taming uses L1)
     reconstruction_weight=1.0,

@@ -16,6 +16,12 @@ from typing import Any, Iterable, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 ROOT_CONFIG = "train"
+# Top-level config keys that say where and how a run is recorded, not what it computes: not logged as
+# MLflow params (`choices.*`, which option of each group, is) ...
+BOOKKEEPING_KEYS = ("paths", "run_name", "experiment_name", "ckpt_path", "logger", "overrides")
+# ... and, with the group choices (already expanded into the config) and the callbacks (what is
+# measured, not what is trained), not part of a stage's cache key either.
+NON_SEMANTIC_KEYS = (*BOOKKEEPING_KEYS, "choices", "callbacks")
 
 
 def config_dir() -> Path:
@@ -90,6 +96,17 @@ def compose(overrides: Sequence[str] = (), *, with_hydra: bool = False) -> DictC
     cfg["overrides"] = overrides
     cfg["choices"] = {k: v for k, v in choices.items() if not k.startswith("hydra")}
     return cfg
+
+
+def parse_overrides(lines: Sequence[str]) -> list:
+    """Command-line overrides in Hydra's own grammar (`key=value`, `key=a,b`, `key=interval(0,1)`,
+    `+key=value`): the one parser of the sweep and the evaluation CLIs. A grammar error is one line."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_overrides(list(lines))
+    except Exception as err:  # Hydra's grammar errors are long; keep the first line
+        raise ConfigError(str(err).splitlines()[0]) from err
 
 
 def absolutize_paths(cfg: DictConfig) -> None:

@@ -4,14 +4,13 @@ several inference settings without retraining.
 The run's own `config.yaml` (saved beside `checkpoints/`) is the base config; dotted overrides
 (`decode.steps=8`, `evaluation.num_samples=1000`) are merged on top, and comma lists form a grid over
 inference settings. Each setting is one MLflow run; a table is printed at the end. The sweep calls
-this for trials that reuse a checkpoint trained by an earlier trial.
+this for trials that reuse a checkpoint trained by an earlier trial; it then writes the last setting's
+metrics as the trial's result (`orchestration.protocol`) into `paths.output_dir`.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,8 +19,12 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_mim.orchestration.config import ConfigError, compose, config_groups, flatten
-from lightning_mim.orchestration.train import BOOKKEEPING_KEYS, PARENT_RUN_ENV, RUN_TAGS_ENV
+from lightning_mim.eval.generation import evaluate_generation
+from lightning_mim.orchestration.config import ConfigError, compose, config_groups, parse_overrides
+from lightning_mim.orchestration.protocol import TrialContext, write_result
+from lightning_mim.orchestration.tracking import ensure_experiment, run_params
+
+CLI_KEYS = ("ckpt", "result_file")  # arguments of this command, not config keys
 
 
 def base_config(ckpt: Path) -> DictConfig:
@@ -38,27 +41,26 @@ def load_module(cfg: DictConfig, ckpt: Path, *, weights_only: bool = True):
     return module_class.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=weights_only)
 
 
-def evaluate_checkpoint(cfg: DictConfig, ckpt: Path, module=None, datamodule=None) -> dict[str, float]:
-    """Generation metrics of `ckpt` with the decode settings in `cfg.decode`."""
-    from lightning_mim.eval.generation import evaluate_generation
+def validation_datamodule(cfg: DictConfig):
+    """The run's DataModule, set up for evaluation (built once per command, shared by every setting)."""
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    return datamodule
 
-    module = module if module is not None else load_module(cfg, ckpt)
+
+def evaluate_checkpoint(cfg: DictConfig, module, datamodule) -> dict[str, float]:
+    """Generation metrics of `module` with the decode settings in `cfg.decode` and `cfg.evaluation`."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    module = module.to(device)
-    if datamodule is None:
-        datamodule = instantiate(cfg.data, _convert_="all")
-        datamodule.prepare_data()
-        datamodule.setup("validate")
     ev = cfg.evaluation
-    decode = {k: v for k, v in OmegaConf.to_container(cfg.decode, resolve=True).items()}
     return evaluate_generation(
-        module,
+        module.to(device),
         datamodule,
         num_samples=int(ev.num_samples),
         extractor=list(ev.extractor),
         cache_dir=str(Path(cfg.paths.cache_dir) / "eval"),
         device=device,
-        decode_overrides=decode,
+        decode_overrides=OmegaConf.to_container(cfg.decode, resolve=True),
         batch_size=int(ev.batch_size),
         split=str(ev.split),
         seed=int(ev.seed),
@@ -66,24 +68,20 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt: Path, module=None, datamodule=Non
     )
 
 
-def _log_to_mlflow(cfg: DictConfig, metrics: dict[str, float], run_name: str) -> str | None:
+def _log_to_mlflow(cfg: DictConfig, metrics: dict[str, float], run_name: str, trial: TrialContext) -> str | None:
     if "tracking_uri" not in (cfg.get("logger") or {}):
         return None
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
-
-    from lightning_mim.orchestration.tracking import ensure_experiment
 
     logger = cfg.logger
     client = MlflowClient(tracking_uri=logger.tracking_uri)
     experiment_id = ensure_experiment(logger.tracking_uri, logger.experiment_name, logger.artifact_location)
-    tags = {"lightning_mim.role": "evaluation", **json.loads(os.environ.get(RUN_TAGS_ENV) or "{}")}
-    if os.environ.get(PARENT_RUN_ENV):
-        tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
+    tags = {"lightning_mim.role": "evaluation", **trial.tags}
+    if trial.parent_run_id:
+        tags["mlflow.parentRunId"] = trial.parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    params = {k: str(v)[:250] for k, v in flatten(cfg).items() if not k.startswith(BOOKKEEPING_KEYS)}
-    from mlflow.entities import Metric, Param
-
-    items = list(params.items())
+    items = [(k, str(v)[:250]) for k, v in run_params(cfg).items()]
     for start in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[start : start + 100]])
     client.log_batch(run.info.run_id, metrics=[Metric(f"val/{k}", v, 0, 0) for k, v in metrics.items()])
@@ -91,43 +89,58 @@ def _log_to_mlflow(cfg: DictConfig, metrics: dict[str, float], run_name: str) ->
     return run.info.run_id
 
 
+def parse_arguments(argv: Sequence[str]) -> tuple[Path, str | None, dict[str, list[str]]]:
+    """(checkpoint, result file or None, {config key: [values]}) from `ckpt=PATH key=a,b ...` (Hydra's
+    grammar; a comma list is a grid axis). Group choices (`schedule=...`) are skipped: they are training
+    settings, already in the checkpoint's saved config."""
+    groups = set(config_groups())
+    ckpt = result_file = None
+    axes: dict[str, list[str]] = {}
+    for override in parse_overrides(argv):
+        key = override.key_or_group
+        values = [str(v) for v in override.sweep_string_iterator()] if override.is_sweep_override() else [
+            override.get_value_element_as_str()
+        ]
+        if key == "ckpt":
+            ckpt = values[0]
+        elif key == "result_file":
+            result_file = values[0]
+        elif key not in groups:
+            axes[key] = values
+    if ckpt is None:
+        raise ConfigError("give ckpt=PATH (a stage-2 checkpoint)")
+    path = Path(ckpt).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"ckpt={path}: no such checkpoint file")
+    return path, result_file, axes
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0 if argv else 2
-    args = dict(a.lstrip("+").split("=", 1) for a in argv if "=" in a)
-    if "ckpt" not in args:
-        print("error: give ckpt=PATH (a stage-2 checkpoint)", file=sys.stderr)
+    try:
+        ckpt, result_file, axes = parse_arguments(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    ckpt = Path(args.pop("ckpt")).expanduser()
-    if not ckpt.is_file():
-        print(f"error: ckpt={ckpt}: no such checkpoint file", file=sys.stderr)
-        return 2
-    result_file = args.pop("result_file", None)
-    groups = set(config_groups())
-    # group choices (schedule=..., experiment=...) are training settings already in the saved config
-    dotted = {k: v for k, v in args.items() if k not in groups}
-    axes = {k: v.split(",") for k, v in dotted.items()}
     keys = sorted(axes)
     base = base_config(ckpt)
     module = load_module(base, ckpt)
+    trial = TrialContext.from_environment()
     datamodule = None
     rows = []
     for values in itertools.product(*(axes[k] for k in keys)):
         setting = dict(zip(keys, values))
         cfg = OmegaConf.merge(base, OmegaConf.from_dotlist([f"{k}={v}" for k, v in setting.items()]))
-        if datamodule is None:
-            datamodule = instantiate(cfg.data, _convert_="all")
-            datamodule.prepare_data()
-            datamodule.setup("validate")
-        metrics = evaluate_checkpoint(cfg, ckpt, module=module, datamodule=datamodule)
-        run_name = str(cfg.get("run_name") or "evaluate")
-        _log_to_mlflow(cfg, metrics, run_name)
+        datamodule = datamodule or validation_datamodule(cfg)
+        metrics = evaluate_checkpoint(cfg, module, datamodule)
+        _log_to_mlflow(cfg, metrics, str(cfg.get("run_name") or "evaluate"), trial)
         rows.append(({k: v for k, v in setting.items() if len(axes[k]) > 1}, metrics))
     _print_table(rows)
-    if result_file:
-        Path(result_file).write_text(json.dumps({"metrics": {f"val/{k}": v for k, v in rows[-1][1].items()}}, indent=2))
+    if result_file:  # what the sweep driver reads back (orchestration.protocol)
+        write_result(result_file, {"metrics": {f"val/{k}": v for k, v in rows[-1][1].items()}, "checkpoint": str(ckpt)})
     return 0
 
 
@@ -146,8 +159,4 @@ def _print_table(rows: list[tuple[dict[str, Any], dict[str, float]]]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())

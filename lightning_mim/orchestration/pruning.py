@@ -1,10 +1,9 @@
-"""What the sweep driver and a trial's training process share about Optuna: the named pruners, the
-RDB storage, and the environment entry through which the driver hands a trial to its training process
-(see `lightning_mim.orchestration.pruning_callback`). Only optuna is imported: the driver stays light."""
+"""What the sweep driver and a trial's training process share about Optuna: the named pruners and the
+RDB storage (the trial itself reaches the training process through `orchestration.protocol`; the
+reporting callback is `orchestration.pruning_callback`). Only optuna is imported: the driver stays light."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import optuna
@@ -18,7 +17,6 @@ def rdb_storage(url: str, **kwargs: Any) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
 
 
-TRIAL_ENV = "LIGHTNING_MIM_OPTUNA_TRIAL"  # JSON: storage, study, trial_id, monitor, pruner
 PRUNERS = ("none", "median", "percentile", "hyperband")
 
 
@@ -34,8 +32,3 @@ def build_pruner(name: str) -> optuna.pruners.BasePruner:
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner()
     raise ValueError(f"unknown pruner '{name}'; valid: {', '.join(PRUNERS)}")
-
-
-def trial_env(storage: str, study: str, trial_id: int, monitor: str, pruner: str) -> dict[str, str]:
-    """The environment entry the sweep driver sets for a trial's training process."""
-    return {TRIAL_ENV: json.dumps(dict(storage=storage, study=study, trial_id=trial_id, monitor=monitor, pruner=pruner))}

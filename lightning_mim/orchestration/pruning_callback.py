@@ -1,6 +1,6 @@
 """Optuna pruning for a trial whose training runs in its own process (the sweep's layout).
 
-The sweep driver owns the Optuna trial (FIELD_NOTES: optuna-integration's
+The sweep driver owns the Optuna trial (docs/DEPENDENCIES.md: optuna-integration's
 `PyTorchLightningPruningCallback` under DDP needs every rank to share one trial, does not raise, and
 with plain `ddp` each rank would create its own trial). Here the training process only *reports*:
 on global rank 0 it opens the driver's trial in the shared RDB storage, reports every new value of the
@@ -8,36 +8,35 @@ objective with the global step, asks the study's pruner, and on "prune" records 
 (`user_attrs["pruned_at_step"]`), tags the MLflow run `optuna.state=PRUNED` and stops training on every
 rank. The driver then tells the study that the trial was pruned.
 
-The sweep passes the trial through environment variables (not config keys: they must not change the
-config hash that keys the stage-2 checkpoint cache).
+The sweep passes the trial through the process environment (`orchestration.protocol.TrialContext`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from typing import Any
 
 import lightning.pytorch as pl
 import optuna
 
-from lightning_mim.orchestration.pruning import TRIAL_ENV, build_pruner, rdb_storage
+from lightning_mim.orchestration.protocol import TrialContext
+from lightning_mim.orchestration.pruning import build_pruner, rdb_storage
 
 log = logging.getLogger(__name__)
 
 PRUNED_AT = "pruned_at_step"
 
 
+def from_context(trial: TrialContext) -> "OptunaPruning | None":
+    """The callback for a trial's pruning target, or None outside a sweep (or with pruner 'none')."""
+    if trial.pruning is None or trial.pruning["pruner"] == "none":
+        return None
+    return OptunaPruning(**trial.pruning)
+
+
 def from_env() -> "OptunaPruning | None":
-    """The callback described by the environment, or None outside a sweep (or with pruner 'none')."""
-    raw = os.environ.get(TRIAL_ENV)
-    if not raw:
-        return None
-    spec = json.loads(raw)
-    if spec.get("pruner", "none") == "none":
-        return None
-    return OptunaPruning(**spec)
+    """`from_context` of this process's environment."""
+    return from_context(TrialContext.from_environment())
 
 
 class OptunaPruning(pl.Callback):

@@ -1,11 +1,18 @@
-"""Stage reuse: artifacts keyed by a hash of the config that produced them.
+"""The stage cache: artifacts keyed by a hash of the config that produced them, made once.
 
-A stage-2 run (MaskGIT, MAGE) needs a trained tokenizer. When `tokenizer.ckpt` is null, the tokenizer
-is trained by the experiment named in `tokenizer.train_experiment` on the same data and tokenizer
-choices, and cached under `paths.cache_dir/stages/tokenizer-<hash>/`. Every run and every sweep trial
-whose tokenizer config hashes the same reuses it. Training happens under a file lock (two sweep
-workers never train the same tokenizer twice) and resumes from its own last.ckpt if it was killed;
-a `done.json` written last marks the artifact complete.
+`cached(kind, cfg, produce)` is the one implementation, used for every stage:
+- the tokenizer a stage-2 run needs (`ensure_tokenizer`): when `tokenizer.ckpt` is null it is trained
+  by the experiment named in `tokenizer.train_experiment`, on the same data and tokenizer choices,
+  under `paths.cache_dir/stages/tokenizer-<hash>/`; every run and sweep trial whose tokenizer config
+  hashes the same reuses it;
+- a sweep's trained stage-2 models (`orchestration.sweep`): trials that differ only in inference-only
+  settings (`decode.*`) evaluate one checkpoint instead of retraining.
+
+Production runs under a file lock (two workers never produce the same stage twice; the second waits
+and reuses), a killed production resumes from its own last.ckpt (producers train with
+`ckpt_path=last` into the stage directory), and a `done.json` record written last marks the artifact
+complete. A producer that raises (a failed or pruned training) leaves no record: the next caller
+produces again.
 """
 
 from __future__ import annotations
@@ -14,30 +21,62 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 from omegaconf import DictConfig
 
-from lightning_mim.orchestration.config import compose, section_hash
 from lightning_mim.locks import file_lock
+from lightning_mim.orchestration.config import NON_SEMANTIC_KEYS, compose, section_hash
 
 DONE_FILE = "done.json"
 # Overrides of the stage-2 run that also shape the tokenizer it needs (and so enter its cache key).
 TOKENIZER_OVERRIDE_PREFIXES = ("data.", "tokenizer.", "trainer.accelerator", "trainer.devices", "trainer.precision")
-# Keys that do not change what a stage computes.
-NON_SEMANTIC_KEYS = ("paths", "run_name", "experiment_name", "ckpt_path", "logger", "overrides", "choices", "callbacks")
+Train = Callable[[DictConfig], dict[str, Any]]  # `orchestration.train.run`: a config -> its result
+
+
+def stage_key(cfg: DictConfig) -> str:
+    """Hash of everything in `cfg` that changes what a stage computes (not where it is recorded)."""
+    semantic = {k: v for k, v in cfg.items() if k not in NON_SEMANTIC_KEYS}
+    return section_hash(semantic)
+
+
+def stage_dir(kind: str, cfg: DictConfig) -> Path:
+    """Where stage `kind` of `cfg` lives: `paths.cache_dir/stages/<kind>-<key>/`."""
+    return Path(cfg.paths.cache_dir) / "stages" / f"{kind}-{stage_key(cfg)}"
+
+
+def cached(kind: str, cfg: DictConfig, produce: Callable[[Path], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    """(record, produced_now) of stage `kind` for `cfg`.
+
+    `produce(directory)` makes the artifact inside `directory` and returns its record (JSON-able; a
+    `checkpoint` entry names the artifact file). It runs at most once per key at a time (file lock);
+    a record whose `checkpoint` file has gone missing counts as absent.
+    """
+    directory = stage_dir(kind, cfg)
+    with file_lock(directory.with_suffix(".lock")):
+        done = directory / DONE_FILE
+        if done.is_file():
+            record = json.loads(done.read_text())
+            if not record.get("checkpoint") or Path(record["checkpoint"]).is_file():
+                return record, False
+        directory.mkdir(parents=True, exist_ok=True)
+        record = produce(directory)
+        done.write_text(json.dumps(record, indent=2))
+        return record, True
 
 
 def is_stage2(cfg: DictConfig) -> bool:
     return "tokenizer" in cfg.model
 
 
-def prepare_stage_inputs(cfg: DictConfig) -> None:
-    """Fill in what the run's model needs from earlier stages (today: the tokenizer checkpoint)."""
+def prepare_stage_inputs(cfg: DictConfig, train: Train) -> None:
+    """Fill in what the run's model needs from earlier stages (today: the tokenizer checkpoint),
+    training it with `train` when the cache has none."""
     if not is_stage2(cfg):
         return
     ckpt = cfg.tokenizer.get("ckpt")
     if not ckpt:
-        cfg.tokenizer.ckpt = str(ensure_tokenizer(cfg))
+        cfg.tokenizer.ckpt = str(ensure_tokenizer(cfg, train))
     elif not Path(str(ckpt)).expanduser().is_file():
         raise FileNotFoundError(f"tokenizer.ckpt={ckpt}: no such checkpoint file")
 
@@ -45,7 +84,10 @@ def prepare_stage_inputs(cfg: DictConfig) -> None:
 def tokenizer_run_config(cfg: DictConfig) -> DictConfig:
     """The config of the run that trains the tokenizer a stage-2 config needs."""
     choices = cfg.get("choices") or {}
-    overrides = [f"experiment={cfg.tokenizer.train_experiment}", f"paths.home={cfg.paths.home}"]
+    # paths are not part of the key; cache_dir is passed on so the tokenizer is cached beside the run's stages
+    overrides = [
+        f"experiment={cfg.tokenizer.train_experiment}", f"paths.home={cfg.paths.home}", f"paths.cache_dir={cfg.paths.cache_dir}"
+    ]
     for group in ("data", "tokenizer", "trainer", "logger"):
         if group in choices:
             overrides.append(f"{group}={choices[group]}")
@@ -54,15 +96,8 @@ def tokenizer_run_config(cfg: DictConfig) -> DictConfig:
     return compose(overrides)
 
 
-def stage_key(cfg: DictConfig) -> str:
-    semantic = {k: v for k, v in cfg.items() if k not in NON_SEMANTIC_KEYS}
-    return section_hash(semantic)
-
-
-def ensure_tokenizer(cfg: DictConfig) -> Path:
-    """Path of a trained tokenizer for `cfg`, training it once if no cached one exists."""
-    from lightning_mim.orchestration.train import run
-
+def ensure_tokenizer(cfg: DictConfig, train: Train) -> Path:
+    """Path of a trained tokenizer for `cfg`, trained once (by `train`) if no cached one exists."""
     if not cfg.tokenizer.get("train_experiment"):
         raise ValueError(
             f"tokenizer '{(cfg.get('choices') or {}).get('tokenizer', '?')}' has no checkpoint and no train_experiment: "
@@ -70,17 +105,16 @@ def ensure_tokenizer(cfg: DictConfig) -> Path:
         )
     tok_cfg = tokenizer_run_config(cfg)
     key = stage_key(tok_cfg)
-    stage_dir = Path(cfg.paths.cache_dir) / "stages" / f"tokenizer-{key}"
-    final = stage_dir / "tokenizer.ckpt"
-    with file_lock(stage_dir.with_suffix(".lock")):
-        done = stage_dir / DONE_FILE
-        if done.is_file() and final.is_file():
-            return final
-        print(f"[lightning-mim] training tokenizer {key} (cached in {stage_dir})", file=sys.stderr)
+
+    def produce(directory: Path) -> dict[str, Any]:
+        print(f"[lightning-mim] training tokenizer {key} (cached in {directory})", file=sys.stderr)
         tok_cfg.run_name = f"tokenizer-{key}"
-        tok_cfg.paths.output_dir = str(stage_dir)
+        tok_cfg.paths.output_dir = str(directory)
         tok_cfg.ckpt_path = "last"  # a killed tokenizer run resumes instead of starting over
-        result = run(tok_cfg)
+        result = train(tok_cfg)
+        final = directory / "tokenizer.ckpt"
         shutil.copyfile(result["checkpoint"], final)
-        done.write_text(json.dumps({"key": key, "metrics": result["metrics"]}, indent=2))
-    return final
+        return {"key": key, "metrics": result["metrics"], "checkpoint": str(final)}
+
+    record, _ = cached("tokenizer", tok_cfg, produce)
+    return Path(record["checkpoint"])

@@ -6,7 +6,7 @@ crashing trial from taking the sweep down. Resumability comes from three places:
 - the study lives in an RDB (SQLite file by default) under a name derived from the sweep spec, so the
   same command finds it again: finished trials are skipped, failed ones are retried `sweep.retries`
   times, trials of a killed driver are detected (dead pid on this host, or Optuna heartbeats) and redone;
-- trained stage-2 models are cached by a hash of their training config (stages.py), so trials that
+- trained stage-2 models are cached by a hash of their training config (`orchestration.stages`), so trials that
   differ only in inference-only axes (`decode.*`) evaluate one checkpoint instead of retraining, and a
   killed training resumes from its last checkpoint;
 - MLflow: the parent run id is stored in the study, so a resumed sweep keeps one parent.
@@ -32,11 +32,12 @@ from optuna.trial import TrialState
 
 from lightning_mim.orchestration.config import ConfigError, absolutize_paths, compose
 from lightning_mim.locks import file_lock, pid_alive
-from lightning_mim.orchestration.pruning import build_pruner, rdb_storage, trial_env
-from lightning_mim.orchestration.stages import DONE_FILE, stage_key
+from lightning_mim.orchestration.protocol import TrialContext, read_result, result_path
+from lightning_mim.orchestration.pruning import build_pruner, rdb_storage
+from lightning_mim.orchestration.stages import cached
 from lightning_mim.orchestration.sweep_spec import SweepSpec, named_sweeps, parse, search_space_for_tpe, write_spec
 from lightning_mim.orchestration.tracking import ensure_experiment, runs_table_url, ui_command
-from lightning_mim.orchestration.train import PARENT_RUN_ENV, RESULT_FILE, RUN_TAGS_ENV
+
 HEARTBEAT_SECONDS = 30
 
 
@@ -212,12 +213,10 @@ class Sweep:
         overrides = [*self.spec.trial_overrides(params), *self.base_overrides]
         trial_dir = self.sweep_dir / f"trial-{trial.number:04d}"
         tags = {"lightning_mim.role": "trial", "lightning_mim.study": self.study_name, "optuna.trial_number": str(trial.number)}
-        env = {**os.environ, RUN_TAGS_ENV: json.dumps(tags)}
-        if parent_run_id:
-            env[PARENT_RUN_ENV] = parent_run_id
+        context = TrialContext(parent_run_id=parent_run_id, tags=tags)
         run_name = f"trial-{trial.number:03d}"
         try:
-            metrics = self._train_or_reuse(trial, overrides, params, trial_dir, run_name, env)
+            metrics = self._train_or_reuse(trial, overrides, trial_dir, run_name, context)
         except optuna.TrialPruned:
             raise  # the training process already tagged its MLflow run optuna.state=PRUNED
         except Exception as err:
@@ -241,34 +240,34 @@ class Sweep:
             params[key] = trial._suggest(key, dist)
         return params
 
-    def _train_or_reuse(self, trial, overrides, params, trial_dir: Path, run_name: str, env) -> dict[str, float]:
-        """Train the stage-2 model for these training settings once; evaluate it for the rest.
-        A pruned training is not marked done: the next trial with the same settings resumes it."""
+    def _train_or_reuse(self, trial, overrides, trial_dir: Path, run_name: str, context: TrialContext) -> dict[str, float]:
+        """Train the stage-2 model for these training settings once (the stage cache); evaluate it for
+        the rest. A pruned training is not marked done: the next trial with the same settings resumes it."""
         training_overrides = [o for o in overrides if not self.spec.is_inference_only(o.split("=", 1)[0].lstrip("+~"))]
         train_cfg = compose(training_overrides)
         absolutize_paths(train_cfg)
-        key = stage_key(train_cfg)
-        stage_dir = Path(train_cfg.paths.cache_dir) / "stages" / f"{train_cfg.choices.get('model', 'model')}-{key}"
-        with file_lock(stage_dir.with_suffix(".lock")):
-            done_file = stage_dir / DONE_FILE
-            if not done_file.is_file():
-                args = [sys.executable, "-m", "lightning_mim.train", *overrides,
-                        f"run_name={run_name}", f"paths.output_dir={stage_dir}", "ckpt_path=last"]
-                pruning = trial_env(self.storage_url, self.study_name, trial._trial_id, self.spec.objective,
-                                    self.spec.effective_pruner())
-                _run_process(args, trial_dir / "train.log", {**env, **pruning})
-                result = json.loads((stage_dir / RESULT_FILE).read_text())
-                if result.get("pruned_at_step") is not None:
-                    raise optuna.TrialPruned(f"pruned at step {result['pruned_at_step']}")
-                done_file.write_text(json.dumps({**result, "trained_by": run_name}, indent=2))
-                return result["metrics"]
-            trained = json.loads(done_file.read_text())
+
+        def train(stage_dir: Path) -> dict[str, Any]:
+            args = [sys.executable, "-m", "lightning_mim.train", *overrides,
+                    f"run_name={run_name}", f"paths.output_dir={stage_dir}", "ckpt_path=last"]
+            pruning = dict(storage=self.storage_url, study=self.study_name, trial_id=trial._trial_id,
+                           monitor=self.spec.objective, pruner=self.spec.effective_pruner())
+            env = {**os.environ, **TrialContext(context.parent_run_id, context.tags, pruning).environment()}
+            _run_process(args, trial_dir / "train.log", env)
+            result = read_result(result_path(stage_dir))
+            if result.get("pruned_at_step") is not None:
+                raise optuna.TrialPruned(f"pruned at step {result['pruned_at_step']}")
+            return {**result, "trained_by": run_name}
+
+        trained, trained_now = cached(str(train_cfg.choices.get("model", "model")), train_cfg, train)
+        if trained_now:
+            return trained["metrics"]
         # A checkpoint trained by an earlier trial: evaluate it at this trial's inference settings.
-        result_file = trial_dir / "evaluate.json"
+        result_file = result_path(trial_dir)
         args = [sys.executable, "-m", "lightning_mim.evaluate", f"ckpt={trained['checkpoint']}", *overrides,
-                f"run_name={run_name}", f"paths.output_dir={trial_dir}", f"+result_file={result_file}"]
-        _run_process(args, trial_dir / "evaluate.log", env)
-        evaluated = json.loads(result_file.read_text())
+                f"run_name={run_name}", f"paths.output_dir={trial_dir}", f"result_file={result_file}"]
+        _run_process(args, trial_dir / "evaluate.log", {**os.environ, **context.environment()})
+        evaluated = read_result(result_file)
         return {**trained["metrics"], **evaluated["metrics"]}
 
     def _record_failed_run(self, run_name, parent_run_id, tags, params, error: str) -> None:

@@ -4,7 +4,7 @@
 `choice(a,b)`, `range(lo,hi[,step])`, `interval(lo,hi)` and `tag(log, interval(lo,hi))` are Optuna
 search spaces explored by TPE for `sweep.n_trials` trials; plain `key=value` overrides apply to every
 trial. `sweep=NAME` loads `sweeps/NAME.yaml`; `sweep.KEY=VALUE` sets one sweep option.
-Parsing uses Hydra's own override parser, so the grammar is exactly Hydra's.
+Parsing uses Hydra's own override parser (`config.parse_overrides`), so the grammar is exactly Hydra's.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from typing import Any, Sequence
 
 import optuna
 import yaml
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
 
-from lightning_mim.orchestration.config import ConfigError, sweeps_dir
+from lightning_mim.orchestration.config import ConfigError, parse_overrides, sweeps_dir
 from lightning_mim.orchestration.pruning import PRUNERS
 
 DIRECTIONS = ("minimize", "maximize")
@@ -166,12 +165,7 @@ def parse(args: Sequence[str]) -> SweepSpec:
             _apply_option(spec, "direction", study["objective"].get("direction", "minimize"))
         spec.description = study.get("description", "")
     lines += [a for a in args if not a.startswith("sweep=")]
-    parser = OverridesParser.create()
-    try:
-        overrides = parser.parse_overrides(lines)
-    except Exception as err:  # Hydra's grammar errors are long; keep the first line
-        raise ConfigError(str(err).splitlines()[0]) from err
-    for override in overrides:
+    for override in parse_overrides(lines):
         key = override.key_or_group
         if key.startswith("sweep."):
             _apply_option(spec, key.split(".", 1)[1], override.value())

@@ -1,4 +1,4 @@
-"""MLflow plumbing that Lightning's MLFlowLogger leaves to us (see FIELD_NOTES.md "MLflow 3.x").
+"""MLflow plumbing that Lightning's MLFlowLogger leaves to us (see docs/DEPENDENCIES.md "MLflow 3.x").
 
 - MLflow 3 refuses the `./mlruns` file store: the tracking URI (SQLite) and artifact location are
   always explicit and absolute.
@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from lightning_mim.orchestration.config import BOOKKEEPING_KEYS, flatten
 
 EXPERIMENT_KIND_TAG = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -55,6 +57,19 @@ def mlflow_logger(cfg: DictConfig, parent_run_id: str | None = None, extra_tags:
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     return MLFlowLogger(tags=tags or None, **spec)
+
+
+def run_params(cfg: DictConfig) -> dict[str, Any]:
+    """Every resolved key of `cfg` that says what a run computes, flat (`schedule.name`, `decode.steps`,
+    `choices.ratio`): the MLflow params of a training run and of an evaluation run alike."""
+    return {k: v for k, v in flatten(cfg).items() if not k.startswith(BOOKKEEPING_KEYS)}
+
+
+def log_run_config(logger, cfg: DictConfig, config_file: Path) -> None:
+    """The run's params (`run_params`) on a Lightning logger, and its config YAML as an artifact."""
+    logger.log_hyperparams(run_params(cfg))
+    if hasattr(logger, "experiment") and hasattr(logger, "run_id"):
+        logger.experiment.log_artifact(logger.run_id, str(config_file))
 
 
 def runs_table_url(experiment_id: str, host: str = "127.0.0.1", port: int = 5000) -> str:

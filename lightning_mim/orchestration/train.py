@@ -18,16 +18,13 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_mim.orchestration.config import ConfigError, absolutize_paths, compose, config_groups, flatten, group_options
-from lightning_mim.orchestration import pruning_callback as optuna_pruning
+from lightning_mim.orchestration import pruning_callback
+from lightning_mim.orchestration.config import ConfigError, absolutize_paths, compose, config_groups, group_options
+from lightning_mim.orchestration.protocol import TrialContext, result_path, write_result
+from lightning_mim.orchestration.stages import prepare_stage_inputs
+from lightning_mim.orchestration.tracking import log_run_config, mlflow_logger
 
-# Config keys that describe where/how a run is recorded, not what it computes (not logged as params;
-# `choices.*` — which option of each config group — is logged, e.g. `choices.ratio=trunc_gauss`).
-BOOKKEEPING_KEYS = ("paths", "run_name", "experiment_name", "ckpt_path", "logger", "overrides")
-PARENT_RUN_ENV = "LIGHTNING_MIM_PARENT_RUN_ID"  # set by the sweep: nest this run under its parent
-RUN_TAGS_ENV = "LIGHTNING_MIM_RUN_TAGS"  # JSON dict of extra MLflow tags (trial number, study)
-RESULT_FILE = "result.json"
-RUN_NAME_ENV = "LIGHTNING_MIM_RUN_NAME"
+RUN_NAME_ENV = "LIGHTNING_MIM_RUN_NAME"  # DDP relaunches: every rank resolves the first process's run name
 
 
 class TrainingDiverged(RuntimeError):
@@ -36,14 +33,12 @@ class TrainingDiverged(RuntimeError):
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one model as `cfg` says; returns the final metrics plus where things were written."""
-    from lightning_mim.orchestration.stages import prepare_stage_inputs
-
     absolutize_paths(cfg)
     cfg.run_name = str(cfg.run_name)  # `${now:...}` must be resolved once, not per access
     os.environ.setdefault(RUN_NAME_ENV, cfg.run_name)  # inherited by the ranks DDP launches
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    prepare_stage_inputs(cfg)  # e.g. trains (or reuses) the tokenizer a stage-2 model needs
+    prepare_stage_inputs(cfg, run)  # e.g. trains (or reuses) the tokenizer a stage-2 model needs
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
 
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -51,10 +46,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = instantiate(cfg.model, _recursive_=False, _convert_="all")
     checkpoint_cb = _checkpoint_callback(cfg, output_dir)
     callbacks = [checkpoint_cb, *_instantiate_callbacks(cfg)]
-    pruning = optuna_pruning.from_env()  # inside a sweep trial with a pruner: report to its Optuna trial
+    trial = TrialContext.from_environment()  # empty outside a sweep
+    pruning = pruning_callback.from_context(trial)  # a sweep trial with a pruner: report to its Optuna trial
     if pruning is not None:
         callbacks.append(pruning)
-    logger = _build_logger(cfg)
+    logger = _build_logger(cfg, trial)
     trainer = pl.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         callbacks=callbacks,
@@ -62,7 +58,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         default_root_dir=str(output_dir),
     )
     if logger is not None:
-        _log_config(logger, cfg, output_dir)
+        log_run_config(logger, cfg, output_dir / "config.yaml")
     trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg, checkpoint_cb))
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -78,7 +74,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # no-ops), so it alone writes the file; otherwise whichever rank finishes last wins (today rank 0,
     # only because it draws the pictures at train end) and another rank's copy says `mlflow_run_id: null`.
     if trainer.global_rank == 0:
-        (output_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
+        write_result(result_path(output_dir), result)
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     if bad:
         raise TrainingDiverged(f"non-finite metrics at step {trainer.global_step}: {', '.join(sorted(bad))}")
@@ -121,24 +117,13 @@ def _resume_path(cfg: DictConfig, checkpoint_cb: pl.callbacks.ModelCheckpoint) -
     return str(path)
 
 
-def _build_logger(cfg: DictConfig):
+def _build_logger(cfg: DictConfig, trial: TrialContext):
     spec = cfg.get("logger")
     if not spec or "_target_" not in spec:
         return None
     if spec._target_.endswith("MLFlowLogger"):
-        from lightning_mim.orchestration.tracking import mlflow_logger
-
-        extra_tags = json.loads(os.environ.get(RUN_TAGS_ENV) or "{}")
-        return mlflow_logger(cfg, parent_run_id=os.environ.get(PARENT_RUN_ENV), extra_tags=extra_tags)
+        return mlflow_logger(cfg, parent_run_id=trial.parent_run_id, extra_tags=trial.tags)
     return instantiate(spec, _convert_="all")
-
-
-def _log_config(logger, cfg: DictConfig, output_dir: Path) -> None:
-    """Every resolved key as a flat param (`schedule.name`, `decode.steps`) + the YAML itself."""
-    params = {k: v for k, v in flatten(cfg).items() if not k.startswith(BOOKKEEPING_KEYS)}
-    logger.log_hyperparams(params)
-    if hasattr(logger, "experiment") and hasattr(logger, "run_id"):
-        logger.experiment.log_artifact(logger.run_id, str(output_dir / "config.yaml"))
 
 
 def _print_help() -> None:

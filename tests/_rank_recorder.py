@@ -1,24 +1,18 @@
-"""Per-rank seeding and a per-rank record of what each DDP process saw (a debugging aid).
-
-`PerRankSeed` re-seeds the global RNGs with `seed + global_rank` once the ranks exist (the rule of
-MAE/MAGE's `main_pretrain.py`). Without it every rank starts from the same `seed_everything(seed)`
-state, so all ranks draw the same masking ratios, mask positions, dropout masks and MAGE-C views at
-every step: the global batch then holds `world_size` copies of one random draw instead of
-independent ones. Rank 0 keeps `seed`, so a single-process run is unchanged. The weights are built
-before the ranks exist (identical everywhere; DDP broadcasts rank 0's anyway), and the data pipeline
-and the evaluation code seed themselves explicitly, so none of them depends on this.
+"""A per-rank record of what each DDP process saw: a debugging aid for the multi-process tests.
 
 `RankDataRecorder` writes `out_dir/rank{global_rank}.json` on every rank: the rank layout and
 cluster environment Lightning detected, a short hash of every training and validation sample the rank
 consumed, its local training losses, an RNG fingerprint per step, and `trainer.callback_metrics` after
 each validation. Comparing the files answers "did the ranks see disjoint data?", "are the synced
-metrics identical?" and "did the ranks draw different masks?" without reading logs:
+metrics identical?" and "did the ranks draw different masks?" without reading logs. It lives under
+tests/, so a run that uses it needs tests/ on the import path:
 
-    python -m lightning_mim.train trainer=ddp trainer.devices=2 \
-        +callbacks.rank_data._target_=lightning_mim.callbacks.rank_data.RankDataRecorder \
+    PYTHONPATH=tests python -m lightning_mim.train trainer=ddp trainer.devices=2 \
+        +callbacks.rank_data._target_=_rank_recorder.RankDataRecorder \
         +callbacks.rank_data.out_dir=/tmp/rank-data
 
-It hashes every sample (a few µs per image): keep it out of production runs.
+It hashes every sample (a few µs per image): keep it out of production runs. The per-rank seeding it
+is usually paired with is `lightning_mim.callbacks.PerRankSeed`.
 """
 
 from __future__ import annotations
@@ -26,13 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import socket
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -63,22 +55,6 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
         elif isinstance(value, (int, float)):
             out[key] = float(value)
     return out
-
-
-class PerRankSeed(pl.Callback):
-    """Seed torch, numpy and `random` with `seed + global_rank` at the start of fit/validate/test."""
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        self.seed = int(seed)
-        self.applied: int | None = None
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        seed = self.seed + int(trainer.global_rank)
-        torch.manual_seed(seed)  # also seeds every CUDA device
-        np.random.seed(seed % 2**32)
-        random.seed(seed)
-        self.applied = seed
 
 
 class RankDataRecorder(pl.Callback):

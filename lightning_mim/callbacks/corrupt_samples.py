@@ -1,4 +1,8 @@
-"""A callback that logs how many unreadable samples the datamodule skipped."""
+"""Callback: how many unreadable samples the data pipeline skipped (`data/corrupt_train`, `data/corrupt_val`).
+
+The counting is the DataModules' (`corrupt_counts`, fed by `lightning_mim.data.pipeline.CorruptCounter`);
+this callback only logs it.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tiny stand-ins that implement the evaluation contracts, for tests and for trying the callbacks.
+"""Tiny stand-ins that implement the evaluation contracts, for the tests (`from _fakes import ...`).
 
 - `SyntheticImageDataModule`: class c = a bright block in grid cell c (+ per-image noise), map-style,
   deterministic val/test order, `num_classes`, `image_size`, `fingerprint`.
@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_mim.eval.extractors import FeatureExtractor, to_uint8
+from lightning_mim.eval.extractors import FeatureExtractor
+from lightning_mim.eval.images import to_uint8
 
 
 def pattern_images(

@@ -1,0 +1,89 @@
+"""The contract between the sweep driver and a trial's process, in one place.
+
+The driver (`orchestration.sweep`) runs every trial as its own process — `python -m lightning_mim.train`
+for a training, `python -m lightning_mim.evaluate` for a checkpoint reused at other inference
+settings — and talks to it through two channels only:
+
+- the environment, going in (`TrialContext.environment()` -> `TrialContext.from_environment()`):
+  `PARENT_RUN_ENV`  the MLflow parent run of the sweep: the trial's run is nested under it;
+  `RUN_TAGS_ENV`    JSON dict of extra MLflow tags (study name, trial number);
+  `TRIAL_ENV`       JSON of the Optuna trial the training reports to when the sweep prunes
+                    (storage URL, study, trial id, monitored metric, pruner name).
+  Environment variables, not config keys: they must not change the config hash that keys the stage
+  cache (two trials that differ only in their trial number share one trained model).
+- a JSON result file, coming out (`write_result` -> `read_result`), at `result_path(directory)`: a
+  training writes it into its output directory (final metrics, step, checkpoint path, MLflow run id,
+  the step it was pruned at or null); an evaluation writes it where its `result_file=` argument says
+  (metrics of the last setting, checkpoint path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+PARENT_RUN_ENV = "LIGHTNING_MIM_PARENT_RUN_ID"
+RUN_TAGS_ENV = "LIGHTNING_MIM_RUN_TAGS"
+TRIAL_ENV = "LIGHTNING_MIM_OPTUNA_TRIAL"
+RESULT_FILE = "result.json"
+PRUNING_KEYS = ("storage", "study", "trial_id", "monitor", "pruner")
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What a trial process learns from its driver (all empty outside a sweep).
+
+    parent_run_id: MLflow run to nest under. tags: extra MLflow tags. pruning: None, or the Optuna
+    trial to report to: {storage, study, trial_id, monitor, pruner}.
+    """
+
+    parent_run_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    pruning: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.pruning is not None and sorted(self.pruning) != sorted(PRUNING_KEYS):
+            raise ValueError(f"pruning needs exactly the keys {', '.join(PRUNING_KEYS)}, got {sorted(self.pruning)}")
+
+    def environment(self) -> dict[str, str]:
+        """The environment entries the driver sets for the trial's process."""
+        env = {RUN_TAGS_ENV: json.dumps(self.tags)}
+        if self.parent_run_id:
+            env[PARENT_RUN_ENV] = self.parent_run_id
+        if self.pruning is not None:
+            env[TRIAL_ENV] = json.dumps(self.pruning)
+        return env
+
+    @classmethod
+    def from_environment(cls, env: Mapping[str, str] | None = None) -> "TrialContext":
+        """The context the trial's process was started with (`os.environ` by default)."""
+        env = os.environ if env is None else env
+        pruning = env.get(TRIAL_ENV)
+        return cls(
+            parent_run_id=env.get(PARENT_RUN_ENV) or None,
+            tags=json.loads(env.get(RUN_TAGS_ENV) or "{}"),
+            pruning=json.loads(pruning) if pruning else None,
+        )
+
+
+def result_path(directory: str | os.PathLike) -> Path:
+    """Where a trial's process leaves its result in `directory`."""
+    return Path(directory) / RESULT_FILE
+
+
+def write_result(path: str | os.PathLike, result: Mapping[str, Any]) -> Path:
+    """Write a trial's result (JSON) to `path`."""
+    path = Path(path)
+    path.write_text(json.dumps(dict(result), indent=2))
+    return path
+
+
+def read_result(path: str | os.PathLike) -> dict[str, Any]:
+    """The result a trial's process wrote to `path`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"the trial process wrote no {path}")
+    return json.loads(path.read_text())
