@@ -501,7 +501,7 @@ def test_architecture_doc_mirrors_the_table():
         for layer in sorted(set(doc) | set(expected))
         if doc.get(layer) != expected.get(layer)
     ]
-    assert not diff, f"docs/ARCHITECTURE.md's table differs from ALLOWED_IMPORTS:\n  " + "\n  ".join(diff)
+    assert not diff, "docs/ARCHITECTURE.md's table differs from ALLOWED_IMPORTS:\n  " + "\n  ".join(diff)
 
 
 # --------------------------------------------------------------------------------------------------

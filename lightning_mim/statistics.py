@@ -1,0 +1,81 @@
+"""Across-seed statistics of an ablation: mean, 95 % confidence interval, and whether two points differ.
+
+Each grid point of a sweep is trained with n seeds; what varies between seeds (weight init, data order,
+masks, the evaluation's samples) is the noise a difference between points has to beat.
+
+- Interval: Student's t interval of the mean, mean ± t_{1-α/2, n-1} · s / √n, with s the sample
+  standard deviation (ddof 1). With 3 seeds the normal or bootstrap intervals are far too narrow (the
+  bootstrap of 3 values has at most 10 distinct means); the t interval is exact for normal noise and
+  honest about how little 3 values say (t_{0.975, 2} = 4.30). n = 1 gives no interval (None), never ±0.
+- Difference: Welch's two-sample t-test (`scipy.stats.ttest_ind(equal_var=False)`), which does not
+  assume equal variances across points; a difference is *resolved* at level α when p < α. Both sides
+  need >= 2 values; otherwise the p-value is None ("not testable").
+
+scipy computes the quantiles and the test; this module only fixes the conventions (which interval,
+which test, what n = 1 means) so that the console table, the MLflow parent run and the notebook agree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from scipy import stats as scipy_stats
+
+CONFIDENCE = 0.95
+ALPHA = 0.05
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Mean of n values and its confidence interval (low, high); both None when n < 2."""
+
+    mean: float
+    n: int
+    low: float | None
+    high: float | None
+
+    @property
+    def half_width(self) -> float | None:
+        return None if self.low is None else (self.high - self.low) / 2
+
+
+def _finite(values: Sequence[float], name: str) -> list[float]:
+    out = [float(v) for v in values]
+    if not out:
+        raise ValueError(f"{name}: no values")
+    bad = [v for v in out if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{name}: non-finite values {bad}")
+    return out
+
+
+def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Estimate:
+    """Mean and Student-t confidence interval of `values` (see the module docstring)."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    xs = _finite(values, "mean_interval")
+    n = len(xs)
+    mean = sum(xs) / n
+    if n < 2:
+        return Estimate(mean, n, None, None)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * sd / math.sqrt(n)
+    return Estimate(mean, n, mean - half, mean + half)
+
+
+def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Two-sided p-value of Welch's t-test for equal means; None when either side has < 2 values.
+    Two constant samples: 1.0 if their means are equal, else 0.0 (scipy returns NaN there)."""
+    xa, xb = _finite(a, "welch_p_value a"), _finite(b, "welch_p_value b")
+    if len(xa) < 2 or len(xb) < 2:
+        return None
+    if max(xa) == min(xa) and max(xb) == min(xb):
+        return 1.0 if xa[0] == xb[0] else 0.0
+    return float(scipy_stats.ttest_ind(xa, xb, equal_var=False).pvalue)
+
+
+def resolved(p_value: float | None, alpha: float = ALPHA) -> bool | None:
+    """Whether a difference is resolved at level `alpha` (None: not testable)."""
+    return None if p_value is None else p_value < alpha

@@ -1,0 +1,105 @@
+"""Across-seed statistics (lightning_mim.statistics) and the per-point sweep summary, pinned to scipy
+on fixed numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from scipy import stats
+
+from lightning_mim.orchestration.summary import (
+    TrialOutcome,
+    format_comparison,
+    format_estimate,
+    parent_metrics,
+    summarize,
+    table_rows,
+)
+from lightning_mim.statistics import mean_interval, resolved, welch_p_value
+
+COSINE = [2.99, 3.10, 3.25]
+LINEAR = [3.31, 4.65, 3.90]
+SQRT = [6.03, 6.29, 6.10]
+
+
+def test_interval_is_students_t_as_scipy_computes_it():
+    est = mean_interval(COSINE)
+    low, high = stats.t.interval(0.95, df=2, loc=sum(COSINE) / 3, scale=stats.sem(COSINE))
+    assert est.n == 3 and est.mean == pytest.approx(sum(COSINE) / 3, abs=1e-12)
+    assert (est.low, est.high) == (pytest.approx(low, abs=1e-12), pytest.approx(high, abs=1e-12))
+    # by hand: t_{0.975,2} = 4.302653 times s/sqrt(3)
+    s = math.sqrt(sum((x - est.mean) ** 2 for x in COSINE) / 2)
+    assert est.half_width == pytest.approx(4.302652729749464 * s / math.sqrt(3), rel=1e-9)
+    est90 = mean_interval(COSINE, confidence=0.9)
+    assert est90.half_width < est.half_width
+
+
+def test_one_seed_has_no_interval_and_bad_input_is_refused():
+    est = mean_interval([3.1])
+    assert (est.mean, est.n, est.low, est.high, est.half_width) == (3.1, 1, None, None, None)
+    assert format_estimate(est) == "3.1000 (n=1)"
+    with pytest.raises(ValueError, match="no values"):
+        mean_interval([])
+    with pytest.raises(ValueError, match="non-finite"):
+        mean_interval([1.0, float("nan")])
+    with pytest.raises(ValueError, match="confidence"):
+        mean_interval([1.0, 2.0], confidence=1.0)
+
+
+def test_welch_test_matches_scipy_and_edge_cases():
+    p = welch_p_value(COSINE, LINEAR)
+    assert p == pytest.approx(stats.ttest_ind(COSINE, LINEAR, equal_var=False).pvalue, abs=1e-12)
+    assert p > 0.05 and resolved(p) is False  # cosine vs linear: not resolved at 3 seeds
+    q = welch_p_value(COSINE, SQRT)
+    assert q < 0.05 and resolved(q) is True
+    assert welch_p_value([1.0], [2.0, 3.0]) is None and resolved(None) is None
+    assert welch_p_value([1.0, 1.0], [1.0, 1.0]) == 1.0 and welch_p_value([1.0, 1.0], [2.0, 2.0]) == 0.0
+
+
+def outcomes(per_point: dict[str, list[float]], state: str = "COMPLETE") -> list[TrialOutcome]:
+    out, number = [], 0
+    for schedule, values in per_point.items():
+        for seed, value in enumerate(values):
+            metrics = {"val/fid_domain": value, "val/cas": 1 - value / 10}
+            out.append(TrialOutcome(number, {"schedule": schedule, "seed": str(seed)}, state, value, metrics))
+            number += 1
+    return out
+
+
+def test_summary_pools_seeds_per_point_and_tests_against_the_best():
+    trials = outcomes({"linear": LINEAR, "sqrt": SQRT, "cosine": COSINE})
+    trials.append(TrialOutcome(99, {"schedule": "log", "seed": "0"}, "FAIL", None, {}))
+    points = summarize(trials, "val/fid_domain", "minimize")
+    assert [p.params["schedule"] for p in points] == ["cosine", "linear", "sqrt"]  # best first; FAIL left out
+    best, linear, sqrt = points
+    assert best.is_best and best.p_vs_best is None and format_comparison(best) == "best"
+    assert best.seeds == ["0", "1", "2"] and len(best.trials) == 3
+    assert linear.p_vs_best == pytest.approx(welch_p_value(LINEAR, COSINE))
+    assert linear.resolved_vs_best is False and sqrt.resolved_vs_best is True
+    assert format_comparison(sqrt).endswith(" resolved") and "not resolved" in format_comparison(linear)
+    cas = best.estimates["val/cas"]
+    assert cas.mean == pytest.approx(sum(1 - v / 10 for v in COSINE) / 3)
+    maxed = summarize(trials, "val/cas", "maximize")
+    assert maxed[0].params["schedule"] == "cosine"  # highest CAS first
+
+
+def test_table_rows_and_parent_metrics_carry_the_same_numbers():
+    points = summarize(outcomes({"cosine": COSINE, "sqrt": SQRT}), "val/fid_domain", "minimize")
+    rows = table_rows(points, "val/fid_domain")
+    assert rows[0]["point"] == "schedule=cosine" and rows[0]["n_seeds"] == 3 and rows[0]["resolved"] == "best"
+    assert rows[1]["resolved"] is True and rows[1]["p_vs_best"] == points[1].p_vs_best
+    metrics = parent_metrics(points)
+    est = points[0].estimates["val/fid_domain"]
+    assert metrics["point/schedule_cosine/val/fid_domain/mean"] == est.mean
+    assert metrics["point/schedule_cosine/val/fid_domain/ci_low"] == est.low
+    assert metrics["point/schedule_cosine/n_seeds"] == 3.0
+    assert metrics["point/schedule_sqrt/p_vs_best"] == points[1].p_vs_best
+    assert all(set(k) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_/. -") for k in metrics)
+
+
+def test_single_seed_summary_says_no_interval():
+    points = summarize(outcomes({"cosine": [3.0], "sqrt": [6.0]}), "val/fid_domain", "minimize")
+    assert format_estimate(points[0].estimates["val/fid_domain"]) == "3.0000 (n=1)"
+    assert points[1].p_vs_best is None and format_comparison(points[1]) == "n/a (needs 2+ seeds)"
+    assert "point/schedule_cosine/val/fid_domain/ci_low" not in parent_metrics(points)
