@@ -62,6 +62,30 @@ CELLS = [
         "})\n"
         "table"
     ),
+    new_markdown_cell(
+        "## Per grid point: mean ± 95 % interval over seeds, and the test against the best point\n\n"
+        "The sweep computes these once (`lightning_mim.orchestration.summary`) and stores them on its MLflow\n"
+        "parent run as the table `points.json`: the same numbers as the sweep's console table."
+    ),
+    new_code_cell(
+        "sweep_query = \"tags.`lightning_mim.role` = 'sweep'\"\n"
+        "if STUDY:\n"
+        "    sweep_query += f\" and tags.`lightning_mim.study` = '{STUDY}'\"\n"
+        "parents = mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string=sweep_query)\n"
+        "tables = []\n"
+        "for run_id, study in zip(parents.get('run_id', []), parents.get('tags.lightning_mim.study', [])):\n"
+        "    try:\n"
+        "        tables.append(mlflow.load_table('points.json', run_ids=[run_id]).assign(study=study))\n"
+        "    except Exception as err:  # a sweep still running, or one from before the table existed\n"
+        "        print(f'sweep {study}: no points table yet ({type(err).__name__})')\n"
+        "points = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()\n"
+        "print(f'{len(points)} grid points from {len(tables)} sweep(s)')\n"
+        "from lightning_mim.orchestration.summary import estimates_from_row, format_estimate\n"
+        "for _, row in points.iterrows():  # the console table's strings: mean ± half-width of the 95 % interval\n"
+        "    shown = [f'{name} {format_estimate(est)}' for name, est in estimates_from_row(row.to_dict()).items()]\n"
+        "    print(f\"{row['point']} (n={row['n_seeds']}):\", '; '.join(shown))\n"
+        "points"
+    ),
     new_markdown_cell("## FID and CAS against decoding steps, per schedule (MaskGIT Fig. 8)"),
     new_code_cell(
         "def metric_vs_steps(metric, label, ax):\n"

@@ -103,3 +103,18 @@ def test_single_seed_summary_says_no_interval():
     assert format_estimate(points[0].estimates["val/fid_domain"]) == "3.0000 (n=1)"
     assert points[1].p_vs_best is None and format_comparison(points[1]) == "n/a (needs 2+ seeds)"
     assert "point/schedule_cosine/val/fid_domain/ci_low" not in parent_metrics(points)
+
+
+def test_rows_read_back_give_the_same_estimates():
+    import pandas as pd
+
+    from lightning_mim.orchestration.summary import estimates_from_row, table_json
+
+    points = summarize(outcomes({"cosine": COSINE, "sqrt": [6.0]}), "val/fid_domain", "minimize")
+    table = table_json(table_rows(points, "val/fid_domain"))
+    frame = pd.DataFrame(table["data"], columns=table["columns"])  # as mlflow.load_table returns it (NaN for None)
+    for point, (_, row) in zip(points, frame.iterrows()):
+        back = estimates_from_row(row.to_dict())
+        assert back.keys() == point.estimates.keys()
+        for name, estimate in point.estimates.items():
+            assert format_estimate(back[name]) == format_estimate(estimate)

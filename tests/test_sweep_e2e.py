@@ -41,9 +41,9 @@ def _child_runs(home: Path, parent_id: str):
 
 @pytest.fixture(scope="module")
 def grid_sweep(tmp_path_factory, tiny_stage2_overrides):
-    """A 2x2 sweep (schedule x seed), run once; other tests read its results."""
-    home = tmp_path_factory.mktemp("sweep-2x2")
-    args = ["schedule=cosine,sqrt", "seed=0,1", *tiny_stage2_overrides]
+    """A 2-point x 3-seed sweep (schedule, sweep.seeds=3), run once; other tests read its results."""
+    home = tmp_path_factory.mktemp("sweep-2x3")
+    args = ["schedule=cosine,sqrt", "sweep.seeds=3", *tiny_stage2_overrides]
     proc = run_module("lightning_mim.sweep", args, home)
     return home, args, proc
 
@@ -52,13 +52,17 @@ def test_grid_sweep_gives_complete_trials_and_nested_mlflow_runs(grid_sweep):
     home, _, proc = grid_sweep
     study, trials = _trials(home)
     complete = _complete_params(trials)
-    assert len(trials) == 4 and len(complete) == 4 and len(set(complete)) == 4
+    assert len(trials) == 6 and len(complete) == 6 and len(set(complete)) == 6
+    assert {t.params["seed"] for t in trials} == {"0", "1", "2"}
     children = _child_runs(home, study.user_attrs["mlflow_parent_run_id"])
-    assert len(children) == 4
+    assert len(children) == 6
     assert {r.data.params["schedule.name"] for r in children} == {"cosine", "sqrt"}
     assert all(r.info.status == "FINISHED" for r in children)
     assert all("val/fid_domain" in r.data.metrics and "val/cas" in r.data.metrics for r in children)
-    assert sorted(r.data.tags["optuna.trial_number"] for r in children) == ["0", "1", "2", "3"]
+    assert sorted(r.data.tags["optuna.trial_number"] for r in children) == ["0", "1", "2", "3", "4", "5"]
+    # what the numbers depend on besides the config
+    assert all(r.data.tags["env.torch"] and r.data.tags["env.torch_threads"].isdigit() for r in children)
+    assert {r.data.tags["env.device"] for r in children} == {"cpu"}
     # the resolved config and the sample pictures are artifacts of every trial run
     from mlflow.tracking import MlflowClient
 
@@ -79,7 +83,7 @@ def test_rerunning_the_same_sweep_runs_nothing(grid_sweep):
     proc = run_module("lightning_mim.sweep", args, home)
     assert "0 to run" in proc.stdout
     _, trials = _trials(home)
-    assert len(trials) == 4
+    assert len(trials) == 6
 
 
 def test_notebook_executes_against_the_sweep(grid_sweep, tmp_path):
@@ -100,9 +104,54 @@ def test_notebook_executes_against_the_sweep(grid_sweep, tmp_path):
         for key in ("LMIM_TRACKING_URI", "LMIM_EXPERIMENT", "LMIM_FIGURES", "LMIM_STUDY"):
             os.environ.pop(key)
     outputs = "".join(str(o.get("text", "")) for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
-    assert "4 finished trial runs" in outputs
+    assert "6 finished trial runs" in outputs
     for name in ("steps_per_schedule", "metric_per_schedule", "schedules"):
         assert (figures / f"{name}.png").stat().st_size > 1000
+    assert "2 grid points from 1 sweep(s)" in outputs
+    for line in _point_lines(home, study):  # the same numbers as the sweep's console table
+        assert line in outputs, line
+
+
+def _point_lines(home: Path, study) -> list[str]:
+    """`<point> (n=3): val/fid_domain 3.1000 ± 0.4000; ...` of every row of the parent run's points.json."""
+    from mlflow.tracking import MlflowClient
+
+    from lightning_mim.orchestration.summary import estimates_from_row, format_estimate, rows_from_table_artifact
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
+    path = client.download_artifacts(study.user_attrs["mlflow_parent_run_id"], "points.json", str(home / "dl"))
+    rows = rows_from_table_artifact(json.loads(Path(path).read_text()))
+    return [
+        f"{row['point']} (n={row['n_seeds']}): "
+        + "; ".join(f"{name} {format_estimate(est)}" for name, est in estimates_from_row(row).items())
+        for row in rows
+    ]
+
+
+def test_console_table_and_mlflow_parent_run_agree(grid_sweep):
+    """Per point: 3 seeds pooled into mean ± 95 % interval; the console shows what the parent run stores."""
+    from mlflow.tracking import MlflowClient
+
+    from lightning_mim.orchestration.summary import estimates_from_row, format_estimate, rows_from_table_artifact
+
+    home, _, proc = grid_sweep
+    study, trials = _trials(home)
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
+    path = client.download_artifacts(parent, "points.json", str(home / "dl-console"))
+    rows = rows_from_table_artifact(json.loads(Path(path).read_text()))
+    assert sorted(r["schedule"] for r in rows) == ["cosine", "sqrt"] and {r["n_seeds"] for r in rows} == {3}
+    metrics = client.get_run(parent).data.metrics
+    for row in rows:
+        fid = [t.user_attrs["metrics"]["val/fid_domain"] for t in trials if t.params["schedule"] == row["schedule"]]
+        assert row["val/fid_domain mean"] == pytest.approx(sum(fid) / 3)
+        estimate = estimates_from_row(row)["val/fid_domain"]
+        assert estimate.low < estimate.mean < estimate.high
+        assert format_estimate(estimate) in proc.stdout  # the console table's cell
+        assert metrics[f"point/schedule_{row['schedule']}/val/fid_domain/mean"] == pytest.approx(row["val/fid_domain mean"])
+    worse = next(r for r in rows if r["resolved"] != "best")
+    assert 0 <= worse["p_vs_best"] <= 1 and f"p={worse['p_vs_best']:.2g}" in proc.stdout
+    assert "mean ± 95 % CI over seeds" in proc.stdout
 
 
 def test_killed_sweep_resumes_with_only_the_missing_trials(tmp_path, tiny_stage2_overrides):

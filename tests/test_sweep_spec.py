@@ -24,6 +24,66 @@ def test_seeds_add_a_grid_axis():
     assert {p["seed"] for p in spec.grid_points()} == {"0", "1", "2"}
 
 
+def test_seeds_default_to_the_presets_sweep_seeds():
+    from lightning_mim.orchestration.config import compose
+
+    assert compose([]).sweep_seeds == 3  # digits_maskgit (the default experiment)
+    assert compose(["experiment=digits_mage_c"]).sweep_seeds == 3
+    for preset in ("imagenet256_maskgit", "imagenet256_mage_b"):
+        assert compose([f"experiment={preset}"]).sweep_seeds == 1  # no silent tripling of GPU-weeks
+    grid = parse(["schedule=cosine,linear"])
+    grid.resolve_seeds(3)
+    assert grid.seeds == 3 and len(grid.grid_points()) == 6
+    explicit = parse(["schedule=cosine,linear", "sweep.seeds=2"])
+    explicit.resolve_seeds(3)
+    assert explicit.seeds == 2
+    own_axis = parse(["schedule=cosine,linear", "seed=0,1"])
+    own_axis.resolve_seeds(3)
+    assert own_axis.seeds == 1 and len(own_axis.grid_points()) == 4  # the user's seed axis, not ours on top
+    search = parse(["model.optim.lr=interval(1e-4,1e-2)", "sweep.n_trials=4"])
+    search.resolve_seeds(3)
+    assert search.seeds == 1
+    with pytest.raises(ConfigError, match="seed override both"):
+        parse(["schedule=cosine", "seed=0,1", "sweep.seeds=3"]).resolve_seeds(3)
+    with pytest.raises(ConfigError, match="sweep.seeds must be >= 1"):
+        parse(["sweep.seeds=0"])
+    with pytest.raises(ConfigError, match="expected an integer"):
+        parse(["sweep.seeds=abc"])
+
+
+def test_seeds_change_init_masks_data_order_and_samples_but_not_split_or_tokenizer(tmp_path):
+    """Two seeds of one point: different weights, masks, batch order and evaluation seed; the same
+    val split and the same tokenizer stage (one cache key)."""
+    import lightning.pytorch as pl
+    import torch
+    from hydra.utils import instantiate
+
+    from lightning_mim.orchestration.config import compose
+    from lightning_mim.orchestration.stages import stage_key, tokenizer_run_config
+
+    tiny = ["transformer.width=32", "transformer.depth=1", "transformer.heads=2", "transformer.mlp_dim=64",
+            f"paths.home={tmp_path}"]
+    cfgs = [compose([*tiny, f"seed={seed}"]) for seed in (0, 1)]
+    assert stage_key(tokenizer_run_config(cfgs[0])) == stage_key(tokenizer_run_config(cfgs[1]))  # one tokenizer
+    assert stage_key(cfgs[0]) != stage_key(cfgs[1])  # each seed trains its own stage-2 model
+    assert cfgs[0].evaluation.seed == 0 and cfgs[1].evaluation.seed == 1  # new samples for the metrics
+    weights, ratios, first_batches, val_sets = [], [], [], []
+    for cfg in cfgs:
+        pl.seed_everything(int(cfg.seed), verbose=False)
+        module = instantiate(cfg.model, _recursive_=False, _convert_="all")
+        weights.append(torch.cat([p.flatten() for p in module.transformer.parameters()]))
+        ratios.append(module.ratio_sampler(16, None, "cpu"))
+        data = instantiate(cfg.data, _convert_="all")
+        data.prepare_data()
+        data.setup("fit")
+        first_batches.append(next(iter(data.train_dataloader()))[1])
+        val_sets.append(torch.cat([images.flatten(1) for images, _ in data.val_dataloader()]))
+    assert not torch.equal(weights[0], weights[1])
+    assert not torch.equal(ratios[0], ratios[1])
+    assert not torch.equal(first_batches[0], first_batches[1])  # data order
+    assert torch.equal(val_sets[0], val_sets[1])  # the split
+
+
 def test_search_spaces_map_to_optuna_distributions():
     spec = parse(["model.optim.lr=tag(log,interval(1e-4,1e-2))", "decode.steps=range(4,13,4)",
                   "schedule=choice(cosine,sqrt)", "sweep.n_trials=5"])

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_mim.eval.generation import evaluate_generation
 from lightning_mim.orchestration.config import ConfigError, compose, config_groups, parse_overrides
 from lightning_mim.orchestration.protocol import TrialContext, write_result
-from lightning_mim.orchestration.tracking import ensure_experiment, run_params
+from lightning_mim.orchestration.tracking import ensure_experiment, environment_tags, run_params
 
 CLI_KEYS = ("ckpt", "result_file")  # arguments of this command, not config keys
 
@@ -77,7 +77,7 @@ def _log_to_mlflow(cfg: DictConfig, metrics: dict[str, float], run_name: str, tr
     logger = cfg.logger
     client = MlflowClient(tracking_uri=logger.tracking_uri)
     experiment_id = ensure_experiment(logger.tracking_uri, logger.experiment_name, logger.artifact_location)
-    tags = {"lightning_mim.role": "evaluation", **trial.tags}
+    tags = {"lightning_mim.role": "evaluation", **environment_tags(), **trial.tags}
     if trial.parent_run_id:
         tags["mlflow.parentRunId"] = trial.parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)

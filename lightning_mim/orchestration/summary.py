@@ -174,18 +174,50 @@ def parent_metrics(summaries: Sequence[PointSummary]) -> dict[str, float]:
     return out
 
 
+def table_json(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Rows -> MLflow's table layout `{"columns": [...], "data": [[...], ...]}` (pandas' orient="split")."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    return {"columns": columns, "data": [[row.get(c) for c in columns] for row in rows]}
+
+
 def log_to_parent(client, run_id: str, summaries: Sequence[PointSummary], objective: str) -> None:
     """The per-point aggregates on the sweep's MLflow parent run: flat metrics and the table artifact
-    `points.json` (MLflow's table format, shown in the run's artifact view)."""
+    `points.json`, which `mlflow.load_table` and the run's artifact view read.
+
+    Written with `log_dict` in MLflow's table layout and registered as a table in the run's
+    `mlflow.loggedArtifacts` tag, as `MlflowClient.log_table` does, because `log_table` APPENDS to an
+    existing file: a rerun or resumed sweep would repeat every row. This way the table is replaced."""
+    import json
+
     from mlflow.entities import Metric
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
     items = list(parent_metrics(summaries).items())
     for start in range(0, len(items), 500):
         client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in items[start : start + 500]])
     rows = table_rows(summaries, objective)
-    if rows:
-        columns = list(dict.fromkeys(k for row in rows for k in row))
-        client.log_table(run_id, data={c: [row.get(c) for row in rows] for c in columns}, artifact_file=TABLE_ARTIFACT)
+    if not rows:
+        return
+    client.log_dict(run_id, table_json(rows), TABLE_ARTIFACT)
+    logged = json.loads(client.get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+    entry = {"path": TABLE_ARTIFACT, "type": "table"}
+    if entry not in logged:
+        client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
+
+
+def estimates_from_row(row: Mapping[str, Any]) -> dict[str, Estimate]:
+    """The Estimates of one `table_rows` row (as read back from `points.json`; NaN counts as missing)."""
+
+    def number(value: Any) -> float | None:
+        return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+    n = int(row["n_seeds"])
+    names = [key[: -len(" mean")] for key in row if key.endswith(" mean")]
+    return {
+        name: Estimate(float(row[f"{name} mean"]), n, number(row.get(f"{name} ci_low")), number(row.get(f"{name} ci_high")))
+        for name in names
+        if number(row.get(f"{name} mean")) is not None
+    }
 
 
 def rows_from_table_artifact(table: Mapping[str, Any]) -> list[dict[str, Any]]:

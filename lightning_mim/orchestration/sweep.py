@@ -35,8 +35,18 @@ from lightning_mim.locks import file_lock, pid_alive
 from lightning_mim.orchestration.protocol import TrialContext, read_result, result_path
 from lightning_mim.orchestration.pruning import build_pruner, rdb_storage
 from lightning_mim.orchestration.stages import cached
+from lightning_mim.orchestration.summary import (
+    REPORTED_METRICS,
+    SEED_KEY,
+    format_comparison,
+    format_estimate,
+    log_to_parent,
+    outcomes_from_optuna,
+    summarize,
+)
 from lightning_mim.orchestration.sweep_spec import SweepSpec, named_sweeps, parse, search_space_for_tpe, write_spec
 from lightning_mim.orchestration.tracking import ensure_experiment, runs_table_url, ui_command
+from lightning_mim.statistics import ALPHA
 
 HEARTBEAT_SECONDS = 30
 
@@ -102,6 +112,7 @@ class Sweep:
         probe = compose([*spec.fixed, *base_overrides])
         absolutize_paths(probe)
         self.home = Path(probe.paths.home)
+        spec.resolve_seeds(int(probe.get("sweep_seeds", 1)))  # before the study name: seeds are an axis
         self.study_name = spec.study_name()
         self.sweep_dir = self.home / "sweeps" / self.study_name
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -368,36 +379,48 @@ class Sweep:
             client.set_tag(parent, "best_trial", str(best.number))
             for key, value in best.params.items():
                 client.set_tag(parent, f"best.{key}", str(value))
+            # the per-point aggregates over seeds: the numbers of the console table
+            points = summarize(outcomes_from_optuna(trials), self.spec.objective, self.spec.direction)
+            log_to_parent(client, parent, points, self.spec.objective)
+            client.set_tag(parent, "best_point", points[0].label())
+            client.set_tag(parent, "seeds_per_point", str(self.spec.seeds))
         client.set_terminated(parent, status="FINISHED")
 
 
 def print_summary(sweep: Sweep, trials: list[optuna.trial.FrozenTrial]) -> None:
-    """A rich table of trials sorted by the objective, then how to open them in MLflow."""
+    """The per-point table (`orchestration.summary`: mean ± 95 % interval over seeds, Welch's test
+    against the best point), the trials that did not complete, and how to open the runs in MLflow."""
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 160)  # logs and CI: don't squash columns
+    console = Console(width=None if sys.stdout.isatty() else 200)  # logs and CI: don't squash columns
     spec = sweep.spec
-    finished = [t for t in trials if t.state != TrialState.WAITING]
-    keys = sorted({k for t in finished for k in t.params})
-    shown_metrics = [m for m in ("val/fid_domain", "val/cas", "val/is_domain", "val/loss") if m != spec.objective]
-    sign = 1 if spec.direction == "minimize" else -1
-    ordered = sorted(finished, key=lambda t: (t.value is None, sign * (t.value or 0.0), t.number))
-    table = Table(title=f"sweep {sweep.study_name} — {spec.objective} ({spec.direction})")
-    for column in ["#", *keys, spec.objective, *shown_metrics, "state"]:
-        table.add_column(column, justify="right" if column not in keys else "left")
-    for trial in ordered:
-        metrics = trial.user_attrs.get("metrics", {})
-        row = [str(trial.number), *(str(trial.params.get(k, "")) for k in keys)]
-        row.append("" if trial.value is None else f"{trial.value:.4f}")
-        row += [f"{metrics[m]:.4f}" if m in metrics else "" for m in shown_metrics]
-        row.append(trial.state.name)
+    outcomes = outcomes_from_optuna(trials)
+    points = summarize(outcomes, spec.objective, spec.direction)
+    axes = sorted({k for o in outcomes for k in o.params if k != SEED_KEY})
+    shown = [spec.objective, *(m for m in REPORTED_METRICS if m != spec.objective)]
+    shown = [m for m in shown if any(m in p.estimates for p in points)] or [spec.objective]
+    table = Table(
+        title=f"sweep {sweep.study_name} — {spec.objective} ({spec.direction}); mean ± 95 % CI over seeds "
+        f"(Student t), vs best: Welch t-test at α = {ALPHA}"
+    )
+    for column in [*axes, "seeds", *shown, "vs best"]:
+        table.add_column(column, justify="left" if column in axes else "right")
+    for point in points:
+        row = [point.params.get(k, "") for k in axes]
+        row.append(str(len(point.values[spec.objective])))
+        row += [format_estimate(point.estimates.get(m)) for m in shown]
+        row.append(format_comparison(point))
         table.add_row(*row)
     console.print(table)
+    if points and all(len(p.values[spec.objective]) < 2 for p in points):
+        print("one seed per point: no interval and no test (run sweep.seeds=3 before reading small differences)")
     # plain prints: commands and URLs must stay on one line to be copy-pasted (rich wraps them)
-    failed = [t for t in finished if t.state == TrialState.FAIL]
-    for trial in failed:
-        print(f"trial {trial.number} failed {trial.params}: {(trial.user_attrs.get('error') or '?').splitlines()[0]}")
+    for outcome in outcomes:
+        if outcome.state in ("FAIL", "PRUNED", "RUNNING"):
+            trial = next(t for t in trials if t.number == outcome.number)
+            why = (trial.user_attrs.get("error") or "?").splitlines()[0] if outcome.state == "FAIL" else ""
+            print(f"trial {outcome.number} {outcome.state.lower()} {outcome.params}" + (f": {why}" if why else ""))
     if sweep.tracking_uri:
         print(f"MLflow UI:  {ui_command(sweep.tracking_uri)}")
         print(f"runs table: {runs_table_url(sweep.experiment_id)}")
@@ -412,7 +435,9 @@ HELP = """usage: python -m lightning_mim.sweep [sweep=NAME] [AXIS=a,b,c ...] [KE
   KEY=VALUE                        fixed override for every trial (any train config key)
   sweep=NAME                       named study from sweeps/NAME.yaml: {names}
   sweep.objective=val/fid_domain   metric to optimise (sweep.direction=minimize|maximize)
-  sweep.seeds=3                    repeat every point with seeds 0..2 (error bars)
+  sweep.seeds=3                    train every grid point with seeds 0..2; the table shows mean ± 95 % CI
+                                   and Welch's test against the best point (default: the preset's
+                                   sweep_seeds, 3 for digits_*, 1 for imagenet256_*)
   sweep.jobs=2                     run 2 trials at once on this machine (worker processes sharing the study)
   sweep.pruner=median              prune trials on the objective's intermediate values: auto (median for
                                    search spaces, none for grids), none, median, percentile, hyperband

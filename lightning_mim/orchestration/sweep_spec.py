@@ -36,7 +36,7 @@ class SweepSpec:
     objective: str = "val/fid_domain"
     direction: str = "minimize"
     n_trials: int | None = None
-    seeds: int = 1
+    seeds: int | None = None  # None: the preset's `sweep_seeds` for grids (resolve_seeds), 1 for search spaces
     inference_only: list[str] = field(default_factory=lambda: list(DEFAULT_INFERENCE_ONLY))
     storage: str | None = None
     retries: int = 1
@@ -53,9 +53,25 @@ class SweepSpec:
     def is_grid(self) -> bool:
         return not self.search
 
+    def has_seed_override(self) -> bool:
+        """Whether the user set `seed` themselves (an axis, a search space or a fixed `seed=`)."""
+        return "seed" in self.grid or "seed" in self.search or any(f.lstrip("+~").startswith("seed=") for f in self.fixed)
+
+    def resolve_seeds(self, preset_default: int) -> None:
+        """Settle the number of seeds per point: `sweep.seeds=N` if given; else the experiment preset's
+        `sweep_seeds` for a grid (3 on digits, 1 on ImageNet); 1 for search spaces (TPE optimises one
+        noisy value per trial) and when the user sets `seed` themselves."""
+        if self.seeds is not None:
+            if self.seeds > 1 and self.has_seed_override():
+                raise ConfigError(f"sweep.seeds={self.seeds} and a seed override both set the seeds; keep one")
+            return
+        self.seeds = int(preset_default) if self.is_grid and not self.has_seed_override() else 1
+        if self.seeds < 1:
+            raise ConfigError(f"sweep_seeds={preset_default}: must be >= 1")
+
     def grid_space(self) -> dict[str, list[str]]:
         space = dict(self.grid)
-        if self.seeds > 1:
+        if (self.seeds or 1) > 1:
             space["seed"] = [str(s) for s in range(self.seeds)]
         return space
 
@@ -125,9 +141,12 @@ def _apply_option(spec: SweepSpec, key: str, value: Any) -> None:
             raise ConfigError(f"unknown sweep.pruner '{value}'; valid: auto, {', '.join(PRUNERS)}")
         spec.pruner = str(value)
     elif key in ("n_trials", "seeds", "retries", "jobs"):
-        setattr(spec, key, int(value))
-        if key == "jobs" and spec.jobs < 1:
-            raise ConfigError(f"sweep.jobs must be >= 1, got {value}")
+        try:
+            setattr(spec, key, int(value))
+        except (TypeError, ValueError):
+            raise ConfigError(f"sweep.{key}={value!r}: expected an integer") from None
+        if key in ("jobs", "seeds") and getattr(spec, key) < 1:
+            raise ConfigError(f"sweep.{key} must be >= 1, got {value}")
     elif key == "inference_only":
         spec.inference_only = [str(v) for v in (value if isinstance(value, list) else str(value).split(","))]
     else:
@@ -198,6 +217,7 @@ def write_spec(spec: SweepSpec, path: Path) -> None:
         "objective": spec.objective,
         "direction": spec.direction,
         "n_trials": spec.n_trials,
+        "seeds": spec.seeds,
         "inference_only": spec.inference_only,
     }
     path.write_text(yaml.safe_dump(data, sort_keys=False))

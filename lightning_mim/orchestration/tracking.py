@@ -44,6 +44,41 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_location: str) -> s
     return experiment_id
 
 
+def environment_tags() -> dict[str, str]:
+    """What a run's numbers depend on besides its config, as MLflow tags `env.*`: the library versions,
+    torch's intra-op threads, the device and the host's processor. Two runs of one config agree to the
+    last digit only when these agree (and even then not across machines; see README "Reproducibility")."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    tags = {
+        "env.python": platform.python_version(),
+        "env.torch_threads": str(torch.get_num_threads()),
+        "env.device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "env.cpu": _cpu_model() or platform.machine(),
+        "env.cuda": str(torch.version.cuda),
+    }
+    for package in ("torch", "torchvision", "lightning", "numpy", "torchmetrics", "torch-fidelity", "mlflow", "optuna"):
+        try:
+            tags[f"env.{package}"] = version(package)
+        except PackageNotFoundError:
+            tags[f"env.{package}"] = "absent"
+    return tags
+
+
+def _cpu_model() -> str | None:
+    """The processor's model name on Linux (`/proc/cpuinfo`), else None."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def mlflow_logger(cfg: DictConfig, parent_run_id: str | None = None, extra_tags: dict[str, Any] | None = None):
     """Lightning MLFlowLogger for `cfg.logger`, with the experiment created first and run nesting."""
     from lightning.pytorch.loggers import MLFlowLogger
@@ -53,6 +88,7 @@ def mlflow_logger(cfg: DictConfig, parent_run_id: str | None = None, extra_tags:
     Path(spec["artifact_location"]).mkdir(parents=True, exist_ok=True)
     ensure_experiment(spec["tracking_uri"], spec["experiment_name"], spec["artifact_location"])
     tags = dict(spec.pop("tags", None) or {})
+    tags.update(environment_tags())
     tags.update(extra_tags or {})
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
