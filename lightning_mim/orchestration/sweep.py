@@ -416,11 +416,12 @@ def print_summary(sweep: Sweep, trials: list[optuna.trial.FrozenTrial]) -> None:
     if points and all(len(p.values[spec.objective]) < 2 for p in points):
         print("one seed per point: no interval and no test (run sweep.seeds=3 before reading small differences)")
     # plain prints: commands and URLs must stay on one line to be copy-pasted (rich wraps them)
+    said = {"FAIL": "failed", "PRUNED": "pruned", "RUNNING": "still running"}
     for outcome in outcomes:
-        if outcome.state in ("FAIL", "PRUNED", "RUNNING"):
+        if outcome.state in said:
             trial = next(t for t in trials if t.number == outcome.number)
             why = (trial.user_attrs.get("error") or "?").splitlines()[0] if outcome.state == "FAIL" else ""
-            print(f"trial {outcome.number} {outcome.state.lower()} {outcome.params}" + (f": {why}" if why else ""))
+            print(f"trial {outcome.number} {said[outcome.state]} {outcome.params}" + (f": {why}" if why else ""))
     if sweep.tracking_uri:
         print(f"MLflow UI:  {ui_command(sweep.tracking_uri)}")
         print(f"runs table: {runs_table_url(sweep.experiment_id)}")
