@@ -24,8 +24,6 @@ from lightning_mim.orchestration.config import ConfigError, compose, config_grou
 from lightning_mim.orchestration.protocol import TrialContext, write_result
 from lightning_mim.orchestration.tracking import ensure_experiment, environment_tags, run_params
 
-CLI_KEYS = ("ckpt", "result_file")  # arguments of this command, not config keys
-
 
 def base_config(ckpt: Path) -> DictConfig:
     """The config the checkpoint was trained with (falls back to the defaults)."""

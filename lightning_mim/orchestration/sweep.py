@@ -15,6 +15,7 @@ crashing trial from taking the sweep down. Resumability comes from three places:
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import os
 import signal
@@ -263,7 +264,7 @@ class Sweep:
                     f"run_name={run_name}", f"paths.output_dir={stage_dir}", "ckpt_path=last"]
             pruning = dict(storage=self.storage_url, study=self.study_name, trial_id=trial._trial_id,
                            monitor=self.spec.objective, pruner=self.spec.effective_pruner())
-            env = {**os.environ, **TrialContext(context.parent_run_id, context.tags, pruning).environment()}
+            env = {**os.environ, **dataclasses.replace(context, pruning=pruning).environment()}
             _run_process(args, trial_dir / "train.log", env)
             result = read_result(result_path(stage_dir))
             if result.get("pruned_at_step") is not None:

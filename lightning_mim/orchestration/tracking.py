@@ -57,7 +57,8 @@ def environment_tags() -> dict[str, str]:
         "env.python": platform.python_version(),
         "env.torch_threads": str(torch.get_num_threads()),
         "env.device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "env.cpu": _cpu_model() or platform.machine(),
+        # the instruction set torch's CPU kernels were chosen for (what changes reductions' rounding)
+        "env.cpu": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}",
         "env.cuda": str(torch.version.cuda),
     }
     for package in ("torch", "torchvision", "lightning", "numpy", "torchmetrics", "torch-fidelity", "mlflow", "optuna"):
@@ -66,17 +67,6 @@ def environment_tags() -> dict[str, str]:
         except PackageNotFoundError:
             tags[f"env.{package}"] = "absent"
     return tags
-
-
-def _cpu_model() -> str | None:
-    """The processor's model name on Linux (`/proc/cpuinfo`), else None."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def mlflow_logger(cfg: DictConfig, parent_run_id: str | None = None, extra_tags: dict[str, Any] | None = None):
