@@ -3,7 +3,8 @@
 Run by hand on a quiet machine; prints one table and the ratio of the trial's wall time to its
 training steps alone (the goal of the trial-cost work: <= 1.5x).
 
-    python benchmarks/sweep_cost.py                        # the default trial: 600 steps, 3 evaluations
+    python benchmarks/sweep_cost.py                        # a default sweep trial: 600 steps, final evaluation
+    python benchmarks/sweep_cost.py --compare              # ... and the trial as it was before, side by side
     python benchmarks/sweep_cost.py trainer.max_steps=200  # any train override
 
 Phases:
@@ -37,6 +38,7 @@ import lightning.pytorch as pl
 
 from lightning_mim.orchestration.config import compose
 from lightning_mim.orchestration.stages import ensure_tokenizer
+from lightning_mim.orchestration.sweep import final_evaluation_only
 from lightning_mim.orchestration.train import run
 
 CALLBACK_HOOKS = (
@@ -103,30 +105,24 @@ def import_seconds() -> float:
     return min(timed("import lightning_mim.orchestration.train") for _ in range(2))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*", help="train overrides (experiment=digits_maskgit is the default)")
-    parser.add_argument("--home", default=os.environ.get("LIGHTNING_MIM_HOME", "lmim-bench"))
-    args = parser.parse_args(argv)
-    base = [f"paths.home={Path(args.home).resolve()}", "run_name=sweep-cost", *args.overrides]
+def measure_trial(base: list[str], overrides: list[str], *, memo: bool) -> tuple[list[tuple[str, float, int]], float, float, int]:
+    """Run one trial in this process; (rows, wall seconds, training-step seconds, steps)."""
+    import lightning_mim.orchestration.train as train_module
+    from lightning_mim.modules.token_memo import TokenMemo
 
     imports = import_seconds()
-    start = time.perf_counter()
-    ensure_tokenizer(compose(base), run)
-    tokenizer = time.perf_counter() - start
-
     timer = PhaseTimer()
-    import lightning_mim.orchestration.train as train_module
-
-    original = train_module._instantiate_callbacks
+    original, remember = train_module._instantiate_callbacks, TokenMemo.__call__
     train_module._instantiate_callbacks = lambda cfg: [*original(cfg), timer]
+    if not memo:  # the trial as it was before the memo: the tokenizer runs on every image batch
+        TokenMemo.__call__ = lambda self, images, encode: encode(images)
     try:
-        cfg = compose(base)
+        cfg = compose([*base, *overrides])
         start = time.perf_counter()
         result = run(cfg)
         end = time.perf_counter()
     finally:
-        train_module._instantiate_callbacks = original
+        train_module._instantiate_callbacks, TokenMemo.__call__ = original, remember
 
     fit = timer.fit_end - timer.fit_start
     rows = [("interpreter + imports (fresh process)", imports, 1)]
@@ -139,17 +135,51 @@ def main(argv: list[str] | None = None) -> int:
     measured = sum(v for k, v in hooks.items() if not k.startswith(NESTED)) + (0.0 if STEP in hooks else training)
     rows.append(("rest of the fit: data loading, Lightning loop (residual)", fit - measured, 1))
     rows.append(("after the fit: metrics, result.json", end - timer.fit_end, 1))
-    wall = imports + (end - start)
+    return rows, imports + (end - start), training, int(result["global_step"])
 
-    print(f"one trial: {' '.join(args.overrides) or 'experiment=digits_maskgit (defaults)'}; "
-          f"{result['global_step']} steps; torch threads {__import__('torch').get_num_threads()}")
-    print(f"shared tokenizer stage (once per sweep, cached after): {tokenizer:.1f} s")
+
+def print_table(title: str, rows, wall: float, training: float) -> None:
+    print(f"\n{title}")
     print(f"{'phase':<58} {'seconds':>8} {'share':>6} {'calls':>6}")
     for label, seconds, calls in rows:
         print(f"{label:<58} {seconds:8.1f} {seconds / wall:6.1%} {calls:6d}")
     print(f"{'trial wall time':<58} {wall:8.1f}")
     print(f"training steps alone (training_step + optimizer step): {training:.1f} s; "
           f"wall / training = {wall / training:.2f}x (goal <= 1.5x)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="train overrides (experiment=digits_maskgit is the default)")
+    parser.add_argument("--home", default=os.environ.get("LIGHTNING_MIM_HOME", "lmim-bench"))
+    parser.add_argument("--compare", action="store_true",
+                        help="also run the trial as it was before the cost work (tokenizer on every batch, "
+                             "intermediate evaluations), after a 1-step warm-up that fills the home's caches")
+    args = parser.parse_args(argv)
+    base = [f"paths.home={Path(args.home).resolve()}", "run_name=sweep-cost", *args.overrides]
+
+    import torch
+
+    start = time.perf_counter()
+    ensure_tokenizer(compose(base), run)
+    tokenizer = time.perf_counter() - start
+    print(f"one trial: {' '.join(args.overrides) or 'experiment=digits_maskgit (defaults)'}; torch threads {torch.get_num_threads()}")
+    print(f"shared tokenizer stage (once per sweep, cached after): {tokenizer:.1f} s")
+    # what a grid sweep's trial runs: the final evaluation only (sweep.intermediate_evals=auto), token memo on
+    now = final_evaluation_only(compose(base))
+    trials = [("as a grid sweep runs it now: token memo, final evaluation only", now, True)]
+    if args.compare:
+        start = time.perf_counter()
+        run(compose([*base, "trainer.max_steps=1", "run_name=sweep-cost-warmup"]))
+        print(f"warm-up (domain classifier, real statistics; once per home): {time.perf_counter() - start:.1f} s")
+        trials.insert(0, ("before: tokenizer on every batch, evaluations every 200 steps", [], False))
+    walls = []
+    for title, overrides, memo in trials:
+        rows, wall, training, steps = measure_trial(base, overrides, memo=memo)
+        print_table(f"{title} ({steps} steps)", rows, wall, training)
+        walls.append(wall)
+    if len(walls) == 2:
+        print(f"\ntrial wall time before / now: {walls[0]:.1f} / {walls[1]:.1f} s = {walls[0] / walls[1]:.2f}x")
     return 0
 
 

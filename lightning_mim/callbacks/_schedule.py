@@ -1,9 +1,11 @@
 """What the evaluation callbacks share: when they fire (every n epochs at validation end and/or every
-n optimizer steps) and whether the module can generate at all."""
+n optimizer steps), that they leave the training's random streams alone, and whether the module can
+generate at all."""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 
 class EvalSchedule:
@@ -66,6 +68,24 @@ def log_metrics(pl_module: Any, prefix: str, metrics: dict[str, float]) -> None:
         trainer.callback_metrics[key] = torch.tensor(value)
     for logger in trainer.loggers:
         logger.log_metrics(named, step=trainer.global_step)
+
+
+@contextlib.contextmanager
+def training_rng_untouched(device: Any) -> Iterator[None]:
+    """Run an evaluation without moving the training's random streams: torch's global CPU generator
+    (and `device`'s, on CUDA) are saved and restored around it.
+
+    Evaluations draw from their own seeded generators, but the work around them does not: every
+    DataLoader iterator draws its base seed from the global generator, and the first evaluation of a
+    home also trains the domain classifier and the real statistics (cached for later runs). Without
+    this, how often a run evaluates, and whether its home's caches were warm, would change the
+    masks, dropout and data order of the training that follows.
+    """
+    import torch
+
+    devices = [device] if getattr(device, "type", str(device)) == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
 
 
 def why_no_generation(module: Any) -> str | None:

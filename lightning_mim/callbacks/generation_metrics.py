@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_mim.callbacks._schedule import EvalSchedule, log_metrics, why_no_generation
+from lightning_mim.callbacks._schedule import EvalSchedule, log_metrics, training_rng_untouched, why_no_generation
 from lightning_mim.eval.extractors import EXTRACTORS, FeatureExtractor, build_extractor, check_inception_weights
 from lightning_mim.eval.generation import evaluate_generation
 
@@ -102,6 +102,12 @@ class GenerationMetrics(pl.Callback):
         if datamodule is None or not hasattr(datamodule, "fingerprint"):
             raise ValueError("GenerationMetrics needs a DataModule with `fingerprint`, `image_size`, `num_classes`")
         device = trainer.strategy.root_device
+        with training_rng_untouched(device):
+            self._build_extractors(datamodule, device)
+        if "domain_classifier_acc" in self.info:
+            log.info("domain classifier val accuracy: %.4f", self.info["domain_classifier_acc"])
+
+    def _build_extractors(self, datamodule: Any, device: Any) -> None:
         for name in self.extractor_names:
             ext, info = build_extractor(
                 name,
@@ -113,12 +119,17 @@ class GenerationMetrics(pl.Callback):
             )
             self.extractors.append(ext)
             self.info.update(info)
-        if "domain_classifier_acc" in self.info:
-            log.info("domain classifier val accuracy: %.4f", self.info["domain_classifier_acc"])
 
     # -- evaluation ---------------------------------------------------------------------------------
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> dict[str, float]:
-        metrics = evaluate_generation(
+        with training_rng_untouched(pl_module.device):
+            metrics = self._generate_and_score(trainer, pl_module, split)
+        metrics = {**self.info, **metrics}
+        self.last_metrics = metrics
+        return metrics
+
+    def _generate_and_score(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> dict[str, float]:
+        return evaluate_generation(
             pl_module,
             trainer.datamodule,
             num_samples=self.num_samples,
@@ -133,9 +144,6 @@ class GenerationMetrics(pl.Callback):
             progress=self.progress,
             **self.metric_kwargs,
         )
-        metrics = {**self.info, **metrics}
-        self.last_metrics = metrics
-        return metrics
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.active and self.schedule.at_validation_end(trainer):

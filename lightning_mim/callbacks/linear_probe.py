@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_mim.callbacks._schedule import EvalSchedule, log_metrics
+from lightning_mim.callbacks._schedule import EvalSchedule, log_metrics, training_rng_untouched
 from lightning_mim.data.pipeline import dist_info
 from lightning_mim.eval.distributed import FeatureGather, all_gather_object
 from lightning_mim.eval.loaders import shard_eval_loader, split_loader
@@ -106,6 +106,10 @@ class LinearProbe(pl.Callback):
             raise ValueError("LinearProbe needs a DataModule (train and val/test loaders)")
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> dict[str, float]:
+        with training_rng_untouched(pl_module.device):
+            return self._probe(trainer, pl_module, split)
+
+    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> dict[str, float]:
         dm = trainer.datamodule
         was_training = pl_module.training
         pl_module.eval()

@@ -25,7 +25,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from lightning_mim.callbacks._schedule import EvalSchedule, why_no_generation
+from lightning_mim.callbacks._schedule import EvalSchedule, training_rng_untouched, why_no_generation
 from lightning_mim.eval.distributed import device_of
 from lightning_mim.eval.images import to_uint8
 
@@ -162,7 +162,12 @@ class Pictures(pl.Callback):
         return torch.Generator(device=device).manual_seed(self.seed)
 
     def draw(self, pl_module: Any, datamodule: Any = None) -> dict[str, Tensor]:
-        """{kind: (3, H, W) grid} for the active kinds (pure: no files, no logging)."""
+        """{kind: (3, H, W) grid} for the active kinds (pure: no files, no logging; the training's
+        random streams are left as they were)."""
+        with training_rng_untouched(device_of(pl_module)):
+            return self._draw(pl_module, datamodule)
+
+    def _draw(self, pl_module: Any, datamodule: Any) -> dict[str, Tensor]:
         device = device_of(pl_module)
         grids: dict[str, Tensor] = {}
         was_training = pl_module.training

@@ -307,6 +307,12 @@ class ImageDataModule(_ShardDataModule):
     def num_classes(self) -> int:
         return _num_classes(self._num_classes, self.manifest)
 
+    @property
+    def deterministic_train_images(self) -> bool:
+        """True when a training image is the same tensor every epoch (no random crop, no flip): a
+        frozen tokenizer's codes can then be remembered instead of recomputed (`modules.token_memo`)."""
+        return not (self.train_augment["random_resized_crop"] or self.train_augment["hflip"])
+
     def _preprocessing(self) -> dict[str, Any]:
         return {"image_size": self.image_size, "interpolation": self.interpolation, "eval": "resize_shorter+center_crop"}
 

@@ -246,6 +246,11 @@ class MAGEModule(Stage2Module):
         return {"loss": loss, "loss_rec": rec["loss"], "loss_con": con, "accuracy": rec["accuracy"]}
 
     # -- Lightning hooks ---------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.views is not None:  # MAGE-C tokenizes random views: no image repeats, nothing to remember
+            self.token_memo = None
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
         if self.hparams.contrastive:
             out = self.contrastive_step(batch[0])

@@ -27,6 +27,7 @@ from torch import Tensor
 from lightning_mim.checkpoints.vqgan import load_vqgan
 from lightning_mim.decoding import DecodeSettings, LogitsFn, decode
 from lightning_mim.modules.hparams import plain_config
+from lightning_mim.modules.token_memo import TokenMemo
 from lightning_mim.nn.vqgan import VQGAN
 from lightning_mim.optim import build_optimizer
 from lightning_mim.tokens import TokenLayout
@@ -66,6 +67,15 @@ class FrozenTokenizerModule(pl.LightningModule):
         self.n_tokens = self.grid[0] * self.grid[1]
         # Unconditional models still get one class slot: position 0 needs an id.
         self.layout = TokenLayout(self.tokenizer.codebook_size, max(1, self.num_classes))
+        self.token_memo: TokenMemo | None = None  # set at fit start when the training images repeat exactly
+
+    def on_fit_start(self) -> None:
+        """Remember token grids by image content (`TokenMemo`) when the DataModule says its training
+        images are deterministic (no random crop or flip) and the model runs on CPU: from the second
+        epoch on, the frozen tokenizer is not run again. Results are unchanged (the tokenizer is frozen)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.device.type == "cpu" and getattr(datamodule, "deterministic_train_images", False):
+            self.token_memo = TokenMemo()
 
     # -- tokenizer -------------------------------------------------------------------------------
     def train(self, mode: bool = True):  # the tokenizer stays in eval mode (no BN/dropout updates)
@@ -78,7 +88,10 @@ class FrozenTokenizerModule(pl.LightningModule):
         """(images or tokens, labels) -> ((B, N) int64 tokens, labels)."""
         data, labels = batch
         if data.is_floating_point():  # images in [0, 1]: tokenize with the frozen tokenizer
-            data = self.tokenizer.encode_to_indices(data)
+            if self.token_memo is not None and data.device.type == "cpu":
+                data = self.token_memo(data, self.tokenizer.encode_to_indices)
+            else:
+                data = self.tokenizer.encode_to_indices(data)
         return data.reshape(data.shape[0], -1).long(), labels.long()
 
     def model_inputs(self, data: Tensor, continuous: bool) -> tuple[Tensor, Tensor | None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -42,7 +43,14 @@ def sweeps_dir() -> Path:
 
 
 class ConfigError(ValueError):
-    """A config problem explained in one line (unknown option, bad override)."""
+    """A config problem explained in one line per problem (unknown option, bad override, bad value)."""
+
+
+def report_config_error(err: Exception) -> int:
+    """Print `err` as `error: ...` lines on stderr; the exit status of a config error (2)."""
+    for line in str(err).splitlines() or [""]:
+        print(f"error: {line}", file=sys.stderr)
+    return 2
 
 
 def group_options(group: str) -> list[str]:
@@ -67,7 +75,23 @@ def _check_group_choices(overrides: Sequence[str]) -> None:
         valid = group_options(key)
         for choice in value.split(","):
             if choice not in valid:
-                raise ConfigError(f"unknown {key} '{choice}'; valid: {', '.join(valid)}")
+                extra = " or powX (X > 0, e.g. pow1.5)" if key == "schedule" else ""
+                raise ConfigError(f"unknown {key} '{choice}'; valid: {', '.join(valid)}{extra}")
+
+
+def _pow_schedule_choice(override: str) -> str:
+    """`schedule=pow1.5` (any exponent `masking` accepts, not only the group's files) ->
+    `schedule.name=pow1.5` on the default schedule group."""
+    key, sep, value = override.partition("=")
+    if key != "schedule" or not sep or value in group_options("schedule") or not value.startswith("pow"):
+        return override
+    from lightning_mim.masking import canonical_schedule_name
+
+    try:
+        canonical_schedule_name(value)
+    except ValueError:
+        return override  # left to the group check: "unknown schedule 'powx'; valid: ..."
+    return f"schedule.name={value}"
 
 
 def compose(overrides: Sequence[str] = (), *, with_hydra: bool = False) -> DictConfig:
@@ -78,7 +102,7 @@ def compose(overrides: Sequence[str] = (), *, with_hydra: bool = False) -> DictC
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    overrides = list(overrides)
+    overrides = [_pow_schedule_choice(o) for o in overrides]
     _check_group_choices(overrides)
     GlobalHydra.instance().clear()
     try:

@@ -20,8 +20,9 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_mim.eval.generation import evaluate_generation
-from lightning_mim.orchestration.config import ConfigError, compose, config_groups, parse_overrides
+from lightning_mim.orchestration.config import ConfigError, compose, config_groups, parse_overrides, report_config_error
 from lightning_mim.orchestration.protocol import TrialContext, write_result
+from lightning_mim.orchestration.schema import check_config
 from lightning_mim.orchestration.tracking import ensure_experiment, environment_tags, run_params
 
 
@@ -120,18 +121,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if argv else 2
     try:
         ckpt, result_file, axes = parse_arguments(argv)
+        keys = sorted(axes)
+        base = base_config(ckpt)
+        settings = [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
+        configs = [OmegaConf.merge(base, OmegaConf.from_dotlist([f"{k}={v}" for k, v in s.items()])) for s in settings]
+        for cfg in configs:  # every setting, before the checkpoint is even loaded
+            # the stage-2 checkpoint holds the tokenizer's weights: its training-time file may be gone
+            check_config(OmegaConf.merge(cfg, {"tokenizer": {"ckpt": None}}))
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    keys = sorted(axes)
-    base = base_config(ckpt)
+        return report_config_error(err)
     module = load_module(base, ckpt)
     trial = TrialContext.from_environment()
     datamodule = None
     rows = []
-    for values in itertools.product(*(axes[k] for k in keys)):
-        setting = dict(zip(keys, values))
-        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist([f"{k}={v}" for k, v in setting.items()]))
+    for setting, cfg in zip(settings, configs):
         datamodule = datamodule or validation_datamodule(cfg)
         metrics = evaluate_checkpoint(cfg, module, datamodule)
         _log_to_mlflow(cfg, metrics, str(cfg.get("run_name") or "evaluate"), trial)

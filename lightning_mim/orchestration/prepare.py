@@ -30,6 +30,7 @@ from lightning_mim.data.digits import (
 )
 from lightning_mim.data.folder import INTERPOLATIONS, LAYOUTS, FolderShardOptions, write_folder_shards
 from lightning_mim.data.shards import ENCODINGS, ShardError, build_dir_atomically, check_shards, is_complete, read_manifest
+from lightning_mim.orchestration.config import report_config_error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,8 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_summary(out, read_manifest(out)))
         return 0
     except (FileNotFoundError, NotADirectoryError, PermissionError, FileExistsError, ValueError, ShardError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report_config_error(err)
 
 
 if __name__ == "__main__":

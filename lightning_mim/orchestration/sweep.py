@@ -29,12 +29,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import optuna
+from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from lightning_mim.orchestration.config import ConfigError, absolutize_paths, compose
+from lightning_mim.orchestration.config import ConfigError, absolutize_paths, compose, report_config_error
 from lightning_mim.locks import file_lock, pid_alive
 from lightning_mim.orchestration.protocol import TrialContext, read_result, result_path
 from lightning_mim.orchestration.pruning import build_pruner, rdb_storage
+from lightning_mim.orchestration.schema import config_problems, format_problem
 from lightning_mim.orchestration.stages import cached
 from lightning_mim.orchestration.summary import (
     REPORTED_METRICS,
@@ -106,6 +108,17 @@ def _run_process(args: list[str], log_path: Path, env: dict[str, str]) -> None:
         raise TrialFailed(f"exit code {code}; last lines of {log_path}:\n" + "\n".join(tail))
 
 
+def final_evaluation_only(cfg: DictConfig) -> list[str]:
+    """Overrides that leave each evaluation callback of `cfg` (metrics, pictures, probes) only its
+    end-of-training run. Callbacks are not part of the model's cache key: the trained weights are the
+    same either way (evaluations draw from their own seeded generators, under `fork_rng`)."""
+    out = []
+    for name, spec in (cfg.get("callbacks") or {}).items():
+        if spec:
+            out += [f"callbacks.{name}.{key}=null" for key in ("every_n_steps", "every_n_epochs") if spec.get(key) is not None]
+    return out
+
+
 # -- the sweep ------------------------------------------------------------------------------------
 class Sweep:
     def __init__(self, spec: SweepSpec, base_overrides: Sequence[str] = ()) -> None:
@@ -116,22 +129,31 @@ class Sweep:
         spec.resolve_seeds(int(probe.get("sweep_seeds", 1)))  # before the study name: seeds are an axis
         self.study_name = spec.study_name()
         self.sweep_dir = self.home / "sweeps" / self.study_name
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
         self.base_overrides = [*base_overrides, f"paths.home={self.home}"]
+        self._validate_points()  # before anything is written
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
         self.storage_url = spec.storage or f"sqlite:///{self.home}/optuna.db"
         self.tracking_uri = probe.logger.tracking_uri if "tracking_uri" in probe.logger else None
         self.experiment_name = str(probe.experiment_name)
         self.experiment_id = None
         if self.tracking_uri:
             self.experiment_id = ensure_experiment(self.tracking_uri, self.experiment_name, probe.logger.artifact_location)
-        self._validate_points()
         write_spec(spec, self.sweep_dir / "spec.yaml")
 
     def _validate_points(self) -> None:
-        """Compose every grid point once up front: a typo fails now, in one line, not in trial 7."""
-        points = self.spec.grid_points() if self.spec.is_grid else [{}]
-        for point in points:
-            compose([*self.spec.trial_overrides(point), *self.base_overrides])
+        """Compose and check (`schema.check_config`) every grid point, or both bounds of every search
+        space, up front: a bad value fails now, in one line naming the point, not in trial 7."""
+        for point in self.spec.points_to_validate():
+            cfg = compose([*self.spec.trial_overrides(point), *self.base_overrides])
+            shown = " ".join(f"{k}={v}" for k, v in point.items() if k != "seed")
+            lines = []
+            for problem in config_problems(cfg):
+                line = format_problem(problem)
+                if shown and not (len(point) == 1 and line.startswith(f"{problem[0]}=") and problem[0] in point):
+                    line = f"{'grid point' if self.spec.is_grid else 'search space at'} {shown}: {line}"
+                lines.append(line)
+            if lines:
+                raise ConfigError("\n".join(lines))
 
     # -- storage and study ------------------------------------------------------------------------
     def storage(self) -> optuna.storages.BaseStorage:
@@ -259,8 +281,10 @@ class Sweep:
         train_cfg = compose(training_overrides)
         absolutize_paths(train_cfg)
 
+        final_only = [] if self.spec.keeps_intermediate_evals() else final_evaluation_only(train_cfg)
+
         def train(stage_dir: Path) -> dict[str, Any]:
-            args = [sys.executable, "-m", "lightning_mim.train", *overrides,
+            args = [sys.executable, "-m", "lightning_mim.train", *overrides, *final_only,
                     f"run_name={run_name}", f"paths.output_dir={stage_dir}", "ckpt_path=last"]
             pruning = dict(storage=self.storage_url, study=self.study_name, trial_id=trial._trial_id,
                            monitor=self.spec.objective, pruner=self.spec.effective_pruner())
@@ -443,6 +467,8 @@ HELP = """usage: python -m lightning_mim.sweep [sweep=NAME] [AXIS=a,b,c ...] [KE
   sweep.jobs=2                     run 2 trials at once on this machine (worker processes sharing the study)
   sweep.pruner=median              prune trials on the objective's intermediate values: auto (median for
                                    search spaces, none for grids), none, median, percentile, hyperband
+  sweep.intermediate_evals=auto    evaluations before a trial's last step: auto (only when a pruner
+                                   reads them), true, false; the final evaluation always runs
   sweep.inference_only=decode.     axes that reuse one trained checkpoint (default: decode.*)
   sweep.storage=URL                Optuna RDB storage (default sqlite:///<paths.home>/optuna.db;
                                    postgresql://... for workers on several nodes)
@@ -481,8 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = parse(argv)
         sweep = Sweep(spec)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report_config_error(err)
     if prepare_only:
         sweep.prepare()
         print(f"prepared study {sweep.study_name} in {sweep.storage_url}")

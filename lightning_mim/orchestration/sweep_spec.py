@@ -25,6 +25,7 @@ from lightning_mim.orchestration.pruning import PRUNERS
 
 DIRECTIONS = ("minimize", "maximize")
 DEFAULT_INFERENCE_ONLY = ("decode.",)
+INTERMEDIATE_EVALS = ("auto", "true", "false")
 
 
 @dataclass
@@ -42,12 +43,20 @@ class SweepSpec:
     retries: int = 1
     jobs: int = 1  # worker processes this command starts on this machine (each runs whole trials)
     pruner: str = "auto"  # auto: median for search spaces, none for grids (an ablation grid wants every point)
+    # Evaluations before the last step: "auto" keeps them only when a pruner reads them (a grid's trial
+    # is judged by its final evaluation; skipping the others changes no number: evaluations fork the RNG).
+    intermediate_evals: str = "auto"
     description: str = ""
 
     def effective_pruner(self) -> str:
         if self.pruner == "auto":
             return "none" if self.is_grid else "median"
         return self.pruner
+
+    def keeps_intermediate_evals(self) -> bool:
+        if self.intermediate_evals == "auto":
+            return self.effective_pruner() != "none"
+        return self.intermediate_evals == "true"
 
     @property
     def is_grid(self) -> bool:
@@ -80,6 +89,19 @@ class SweepSpec:
         keys = sorted(space)
         return [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
 
+    def points_to_validate(self) -> list[dict[str, str]]:
+        """What to check before the first trial: every grid point (one seed: seeds change no config
+        rule), or for search spaces every choice and both bounds of each range, the other keys at
+        their first value."""
+        if self.is_grid:
+            return [p for p in self.grid_points() if p.get("seed", "0") == "0"]
+        extremes = {key: _extremes(dist) for key, dist in self.search.items()}
+        first = {key: values[0] for key, values in extremes.items()}
+        points = [dict(first)]
+        for key, values in extremes.items():
+            points += [{**first, key: value} for value in values[1:]]
+        return points
+
     def total_trials(self) -> int:
         if self.is_grid:
             return len(self.grid_points())
@@ -106,6 +128,13 @@ class SweepSpec:
 
     def trial_overrides(self, params: dict[str, Any]) -> list[str]:
         return [*self.fixed, *(f"{k}={v}" for k, v in sorted(params.items()))]
+
+
+def _extremes(dist: optuna.distributions.BaseDistribution) -> list[str]:
+    """The values of a search space a config check must see: every choice, or both bounds."""
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return [str(c) for c in dist.choices]
+    return [repr(dist.low), repr(dist.high)]
 
 
 def _distribution(override) -> optuna.distributions.BaseDistribution:
@@ -147,10 +176,15 @@ def _apply_option(spec: SweepSpec, key: str, value: Any) -> None:
             raise ConfigError(f"sweep.{key}={value!r}: expected an integer") from None
         if key in ("jobs", "seeds") and getattr(spec, key) < 1:
             raise ConfigError(f"sweep.{key} must be >= 1, got {value}")
+    elif key == "intermediate_evals":
+        value = str(value).lower()
+        if value not in INTERMEDIATE_EVALS:
+            raise ConfigError(f"unknown sweep.intermediate_evals '{value}'; valid: {', '.join(INTERMEDIATE_EVALS)}")
+        spec.intermediate_evals = value
     elif key == "inference_only":
         spec.inference_only = [str(v) for v in (value if isinstance(value, list) else str(value).split(","))]
     else:
-        valid = "objective, direction, n_trials, seeds, retries, jobs, pruner, inference_only, storage, name"
+        valid = "objective, direction, n_trials, seeds, retries, jobs, pruner, intermediate_evals, inference_only, storage, name"
         raise ConfigError(f"unknown sweep option '{key}'; valid: {valid}")
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from lightning_mim.orchestration.config import report_config_error
 
 AUG_SCALE = (0.2, 1.0)  # MAGE main_pretrain / MaskGIT: RandomResizedCrop(scale 0.2-1) + horizontal flip
 AUG_RATIO = (3 / 4, 4 / 3)
@@ -273,8 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite, weights_only=not args.no_weights_only, progress=not args.no_progress,
         )
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report_config_error(err)
     counts = {s: e["count"] for s, e in manifest["splits"].items()}
     print(f"wrote token shards to {args.out}: {counts}, grid {manifest['grid_size']}, "
           f"tokenizer sha256 {manifest['tokenizer']['sha256'][:12]}")

@@ -19,8 +19,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_mim.orchestration import pruning_callback
-from lightning_mim.orchestration.config import ConfigError, absolutize_paths, compose, config_groups, group_options
+from lightning_mim.orchestration.config import ConfigError, absolutize_paths, compose, config_groups, group_options, report_config_error
 from lightning_mim.orchestration.protocol import TrialContext, result_path, write_result
+from lightning_mim.orchestration.schema import check_config
 from lightning_mim.orchestration.stages import prepare_stage_inputs
 from lightning_mim.orchestration.tracking import log_run_config, mlflow_logger
 
@@ -155,9 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = [a for a in argv if a != "--cfg"]
     try:
         cfg = compose(overrides)
+        if not show_cfg:
+            check_config(cfg)  # values, cross-field rules, files: before any data, tokenizer or model
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report_config_error(err)
     if show_cfg:
         print(OmegaConf.to_yaml(cfg))
         return 0
