@@ -6,5 +6,6 @@ from lightning_mim.callbacks.generation_metrics import GenerationMetrics
 from lightning_mim.callbacks.linear_probe import LinearProbe
 from lightning_mim.callbacks.per_rank_seed import PerRankSeed
 from lightning_mim.callbacks.pictures import Pictures
+from lightning_mim.callbacks.progress_bar import StepBudgetProgressBar
 
-__all__ = ["CorruptSampleLogger", "GenerationMetrics", "LinearProbe", "PerRankSeed", "Pictures"]
+__all__ = ["CorruptSampleLogger", "GenerationMetrics", "LinearProbe", "PerRankSeed", "Pictures", "StepBudgetProgressBar"]

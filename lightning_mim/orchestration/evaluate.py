@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_mim.eval.generation import evaluate_generation
 from lightning_mim.orchestration.config import ConfigError, compose, config_groups, parse_overrides, report_config_error
-from lightning_mim.orchestration.protocol import TrialContext, write_result
+from lightning_mim.orchestration.noise import filter_known_noise
+from lightning_mim.orchestration.protocol import TrialContext, write_progress, write_result
 from lightning_mim.orchestration.schema import check_config
 from lightning_mim.orchestration.tracking import ensure_experiment, environment_tags, run_params
 
@@ -130,11 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_config(OmegaConf.merge(cfg, {"tokenizer": {"ckpt": None}}))
     except ConfigError as err:
         return report_config_error(err)
+    filter_known_noise()
     module = load_module(base, ckpt)
     trial = TrialContext.from_environment()
     datamodule = None
     rows = []
     for setting, cfg in zip(settings, configs):
+        write_progress(trial.progress_file, "evaluation", setting=setting)
         datamodule = datamodule or validation_datamodule(cfg)
         metrics = evaluate_checkpoint(cfg, module, datamodule)
         _log_to_mlflow(cfg, metrics, str(cfg.get("run_name") or "evaluate"), trial)

@@ -8,7 +8,9 @@ settings — and talks to it through two channels only:
   `PARENT_RUN_ENV`  the MLflow parent run of the sweep: the trial's run is nested under it;
   `RUN_TAGS_ENV`    JSON dict of extra MLflow tags (study name, trial number);
   `TRIAL_ENV`       JSON of the Optuna trial the training reports to when the sweep prunes
-                    (storage URL, study, trial id, monitored metric, pruner name).
+                    (storage URL, study, trial id, monitored metric, pruner name);
+  `PROGRESS_ENV`    the file the trial keeps its current phase in (`write_progress`), which the
+                    driver polls for its console (`read_progress`).
   Environment variables, not config keys: they must not change the config hash that keys the stage
   cache (two trials that differ only in their trial number share one trained model).
 - a JSON result file, coming out (`write_result` -> `read_result`), at `result_path(directory)`: a
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,7 +31,9 @@ from typing import Any, Mapping
 PARENT_RUN_ENV = "LIGHTNING_MIM_PARENT_RUN_ID"
 RUN_TAGS_ENV = "LIGHTNING_MIM_RUN_TAGS"
 TRIAL_ENV = "LIGHTNING_MIM_OPTUNA_TRIAL"
+PROGRESS_ENV = "LIGHTNING_MIM_PROGRESS_FILE"
 RESULT_FILE = "result.json"
+PROGRESS_FILE = "progress.json"
 PRUNING_KEYS = ("storage", "study", "trial_id", "monitor", "pruner")
 
 
@@ -37,12 +42,14 @@ class TrialContext:
     """What a trial process learns from its driver (all empty outside a sweep).
 
     parent_run_id: MLflow run to nest under. tags: extra MLflow tags. pruning: None, or the Optuna
-    trial to report to: {storage, study, trial_id, monitor, pruner}.
+    trial to report to: {storage, study, trial_id, monitor, pruner}. progress_file: where the trial
+    keeps its phase for the driver's console (None: nobody is watching).
     """
 
     parent_run_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     pruning: dict[str, Any] | None = None
+    progress_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.pruning is not None and sorted(self.pruning) != sorted(PRUNING_KEYS):
@@ -55,6 +62,8 @@ class TrialContext:
             env[PARENT_RUN_ENV] = self.parent_run_id
         if self.pruning is not None:
             env[TRIAL_ENV] = json.dumps(self.pruning)
+        if self.progress_file:
+            env[PROGRESS_ENV] = str(self.progress_file)
         return env
 
     @classmethod
@@ -66,6 +75,7 @@ class TrialContext:
             parent_run_id=env.get(PARENT_RUN_ENV) or None,
             tags=json.loads(env.get(RUN_TAGS_ENV) or "{}"),
             pruning=json.loads(pruning) if pruning else None,
+            progress_file=env.get(PROGRESS_ENV) or None,
         )
 
 
@@ -87,3 +97,23 @@ def read_result(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"the trial process wrote no {path}")
     return json.loads(path.read_text())
+
+
+def write_progress(path: str | os.PathLike | None, phase: str, **fields: Any) -> None:
+    """Record a trial's current phase ("set-up", "tokenizer", "training", "evaluation", "done", ...)
+    and its numbers (step, max_steps, loss) at `path`, atomically; nothing when `path` is None."""
+    if not path:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"phase": phase, "time": time.time(), **fields}))
+    os.replace(tmp, path)
+
+
+def read_progress(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The last phase a trial recorded at `path` (None when it has recorded none yet)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None

@@ -26,7 +26,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import optuna
 from omegaconf import DictConfig
@@ -34,7 +34,8 @@ from optuna.trial import TrialState
 
 from lightning_mim.orchestration.config import ConfigError, absolutize_paths, compose, report_config_error
 from lightning_mim.locks import file_lock, pid_alive
-from lightning_mim.orchestration.protocol import TrialContext, read_result, result_path
+from lightning_mim.orchestration.progress import SweepClock, describe, format_duration
+from lightning_mim.orchestration.protocol import PROGRESS_FILE, TrialContext, read_progress, read_result, result_path
 from lightning_mim.orchestration.pruning import build_pruner, rdb_storage
 from lightning_mim.orchestration.schema import config_problems, format_problem
 from lightning_mim.orchestration.stages import cached
@@ -53,6 +54,9 @@ from lightning_mim.statistics import ALPHA
 
 HEARTBEAT_SECONDS = 30
 
+
+POLL_SECONDS = 1.0  # how often the console reads the running trials' progress files
+PROGRESS_STALE_S = 120  # a progress file untouched this long belongs to a trial that is gone
 
 # Failures that do not count as a try of the grid point.
 INTERRUPTED = "interrupted"
@@ -91,14 +95,22 @@ def _die_with_parent() -> None:
         pass
 
 
-def _run_process(args: list[str], log_path: Path, env: dict[str, str]) -> None:
+def _run_process(args: list[str], log_path: Path, env: dict[str, str], while_waiting: Callable[[], None] | None = None) -> None:
+    """Run a trial's process with its output in `log_path`; `while_waiting` is called about once a
+    second until it exits (the sweep's console)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(args)}\n".encode())
         log.flush()
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
         try:
-            code = proc.wait()
+            while True:
+                try:
+                    code = proc.wait(timeout=POLL_SECONDS)
+                    break
+                except subprocess.TimeoutExpired:
+                    if while_waiting is not None:
+                        while_waiting()
         except KeyboardInterrupt:
             proc.send_signal(signal.SIGINT)
             proc.wait()
@@ -117,6 +129,11 @@ def final_evaluation_only(cfg: DictConfig) -> list[str]:
         if spec:
             out += [f"callbacks.{name}.{key}=null" for key in ("every_n_steps", "every_n_epochs") if spec.get(key) is not None]
     return out
+
+
+def point_name(params: dict[str, Any]) -> str:
+    """A grid point as people write it: `schedule=cosine seed=1` (the seed last)."""
+    return " ".join(f"{k}={v}" for k, v in sorted(params.items(), key=lambda kv: (kv[0] == "seed", kv[0])))
 
 
 # -- the sweep ------------------------------------------------------------------------------------
@@ -247,7 +264,7 @@ class Sweep:
         overrides = [*self.spec.trial_overrides(params), *self.base_overrides]
         trial_dir = self.sweep_dir / f"trial-{trial.number:04d}"
         tags = {"lightning_mim.role": "trial", "lightning_mim.study": self.study_name, "optuna.trial_number": str(trial.number)}
-        context = TrialContext(parent_run_id=parent_run_id, tags=tags)
+        context = TrialContext(parent_run_id=parent_run_id, tags=tags, progress_file=str(trial_dir / PROGRESS_FILE))
         run_name = f"trial-{trial.number:03d}"
         try:
             metrics = self._train_or_reuse(trial, overrides, trial_dir, run_name, context)
@@ -289,7 +306,7 @@ class Sweep:
             pruning = dict(storage=self.storage_url, study=self.study_name, trial_id=trial._trial_id,
                            monitor=self.spec.objective, pruner=self.spec.effective_pruner())
             env = {**os.environ, **dataclasses.replace(context, pruning=pruning).environment()}
-            _run_process(args, trial_dir / "train.log", env)
+            _run_process(args, trial_dir / "train.log", env, self._refresh_console)
             result = read_result(result_path(stage_dir))
             if result.get("pruned_at_step") is not None:
                 raise optuna.TrialPruned(f"pruned at step {result['pruned_at_step']}")
@@ -302,7 +319,7 @@ class Sweep:
         result_file = result_path(trial_dir)
         args = [sys.executable, "-m", "lightning_mim.evaluate", f"ckpt={trained['checkpoint']}", *overrides,
                 f"run_name={run_name}", f"paths.output_dir={trial_dir}", f"result_file={result_file}"]
-        _run_process(args, trial_dir / "evaluate.log", {**os.environ, **context.environment()})
+        _run_process(args, trial_dir / "evaluate.log", {**os.environ, **context.environment()}, self._refresh_console)
         evaluated = read_result(result_file)
         return {**trained["metrics"], **evaluated["metrics"]}
 
@@ -349,28 +366,53 @@ class Sweep:
     def _optimize(self, study: optuna.Study, todo: int, total: int, parent: str | None) -> None:
         """Ask/tell loop: a trial is asked under a file lock only while grid points remain, so
         concurrent workers never create a duplicate; a heartbeat thread lets Optuna fail the trials of
-        a worker that died on another node."""
+        a worker that died on another node. The console shows every running trial's phase (from the
+        trials' progress files) and an ETA from the trials this driver finished."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         columns = [TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}")]
+        clock = SweepClock(workers=self.spec.jobs)
         with Progress(*columns, transient=False) as progress:
             task = progress.add_task("", total=total, completed=total - todo)
             while True:
                 with file_lock(self.sweep_dir / "ask.lock"):
-                    if self.remaining(study) == 0:
+                    remaining = self.remaining(study)
+                    if remaining == 0:
                         break
                     with warnings.catch_warnings():  # heartbeats under ask/tell: we run the thread
                         warnings.filterwarnings("ignore", message="Heartbeat of storage")
                         trial = study.ask()
                     self._suggest(trial)  # params are stored now: other workers see the point as taken
-                progress.update(task, description=f"trial {trial.number} {trial.params}")
+                started = time.monotonic()
+                self._console = lambda: progress.update(task, description=self._running_trials(
+                    format_duration(clock.eta(remaining, time.monotonic() - started))))
+                self._console()
                 with _heartbeat(study, trial):
                     state, value = self._run_trial(trial, parent)
+                self._console = None
                 study.tell(trial, value, state=state)
+                clock.finished(time.monotonic() - started)
                 shown = "" if value is None else f" {self.spec.objective}={value:.4g}"
-                progress.console.print(f"trial {trial.number} {state.name.lower()}{shown} {trial.params}")
+                progress.console.print(f"trial {trial.number} {state.name.lower()}{shown} {point_name(trial.params)} "
+                                       f"({time.monotonic() - started:.0f} s)")
                 running = sum(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
                 progress.update(task, completed=max(0, total - self.remaining(study) - running))  # all workers
+
+    _console: Callable[[], None] | None = None
+
+    def _refresh_console(self) -> None:
+        if self._console is not None:
+            self._console()
+
+    def _running_trials(self, eta: str) -> str:
+        """ "trial 3: training 450/600 loss 3.912 | trial 4: evaluation at step 600 · ETA 4m10s": every
+        trial of this sweep whose progress file is fresh (this worker's and the others')."""
+        now, parts = time.time(), []
+        for path in sorted(self.sweep_dir.glob(f"trial-*/{PROGRESS_FILE}")):
+            record = read_progress(path)
+            if record and record.get("phase") != "done" and now - record.get("time", 0) < PROGRESS_STALE_S:
+                parts.append(f"trial {int(path.parent.name.split('-')[1])}: {describe(record)}")
+        return " | ".join(parts + [eta])
 
     def _run_trial(self, trial: optuna.Trial, parent: str | None) -> tuple[TrialState, float | None]:
         try:

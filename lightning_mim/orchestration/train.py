@@ -18,9 +18,12 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_mim.callbacks import StepBudgetProgressBar
 from lightning_mim.orchestration import pruning_callback
+from lightning_mim.orchestration.noise import filter_known_noise
 from lightning_mim.orchestration.config import ConfigError, absolutize_paths, compose, config_groups, group_options, report_config_error
-from lightning_mim.orchestration.protocol import TrialContext, result_path, write_result
+from lightning_mim.orchestration.progress import TrialProgress
+from lightning_mim.orchestration.protocol import TrialContext, result_path, write_progress, write_result
 from lightning_mim.orchestration.schema import check_config
 from lightning_mim.orchestration.stages import prepare_stage_inputs
 from lightning_mim.orchestration.tracking import log_run_config, mlflow_logger
@@ -34,11 +37,15 @@ class TrainingDiverged(RuntimeError):
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one model as `cfg` says; returns the final metrics plus where things were written."""
+    filter_known_noise()
     absolutize_paths(cfg)
     cfg.run_name = str(cfg.run_name)  # `${now:...}` must be resolved once, not per access
     os.environ.setdefault(RUN_NAME_ENV, cfg.run_name)  # inherited by the ranks DDP launches
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    trial = TrialContext.from_environment()  # empty outside a sweep
+    phase = "tokenizer" if str(cfg.model.get("_target_", "")).endswith("TokenizerModule") else "training"
+    write_progress(trial.progress_file, "set-up" if phase == "training" else phase)
     prepare_stage_inputs(cfg, run)  # e.g. trains (or reuses) the tokenizer a stage-2 model needs
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
 
@@ -47,7 +54,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = instantiate(cfg.model, _recursive_=False, _convert_="all")
     checkpoint_cb = _checkpoint_callback(cfg, output_dir)
     callbacks = [checkpoint_cb, *_instantiate_callbacks(cfg)]
-    trial = TrialContext.from_environment()  # empty outside a sweep
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(StepBudgetProgressBar())  # "Epoch 11 · step 450/600", not Lightning's "Epoch 11/-2"
+    if trial.progress_file:  # a sweep's console follows this trial
+        callbacks.insert(0, TrialProgress(trial.progress_file, phase))
     pruning = pruning_callback.from_context(trial)  # a sweep trial with a pruner: report to its Optuna trial
     if pruning is not None:
         callbacks.append(pruning)

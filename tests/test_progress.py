@@ -1,0 +1,123 @@
+"""The sweep's console: each running trial's phase from its progress file, and an ETA."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import lightning.pytorch as pl
+import pytest
+
+from lightning_mim.callbacks._schedule import EvalSchedule
+from lightning_mim.orchestration import progress as progress_module
+from lightning_mim.orchestration.progress import SweepClock, TrialProgress, describe, format_duration
+from lightning_mim.orchestration.protocol import PROGRESS_FILE, TrialContext, read_progress, write_progress
+from lightning_mim.orchestration.sweep import Sweep, _run_process, point_name
+from test_trial_cost import _module
+from _fakes import SyntheticImageDataModule
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+class EveryFourSteps(pl.Callback):
+    """Stands in for an evaluation callback: only its schedule matters to TrialProgress."""
+
+    schedule = EvalSchedule(every_n_epochs=None, every_n_steps=4)
+
+
+def test_a_trial_reports_training_steps_evaluations_and_done(quiet_trainer, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(progress_module, "write_progress", lambda path, phase, **f: seen.append((phase, f["step"], f["max_steps"])))
+    monkeypatch.setattr(progress_module, "WRITE_EVERY_S", 0.0)
+    pl.seed_everything(0, verbose=False)
+    datamodule = SyntheticImageDataModule(num_classes=4, image_size=16, train_per_class=8, val_per_class=4, batch_size=8)
+    trainer = quiet_trainer(accelerator="cpu", devices=1, max_steps=6, limit_val_batches=1,
+                            callbacks=[TrialProgress(tmp_path / PROGRESS_FILE), EveryFourSteps()])
+    trainer.fit(_module(), datamodule=datamodule)
+    assert seen[0] == ("training", 0, 6)
+    assert [s for s in seen if s[0] == "evaluation"] == [("evaluation", 4, 6), ("evaluation", 6, 6)]  # every 4 + the end
+    assert [s[1] for s in seen if s[0] == "training"] == [0, 1, 2, 3, 5]
+    assert seen[-1] == ("done", 6, 6)
+
+
+def test_progress_files_round_trip_and_are_described():
+    assert describe(None) == "starting"
+    assert describe({"phase": "training", "step": 450, "max_steps": 600, "loss": 3.91234}) == "training 450/600 loss 3.912"
+    assert describe({"phase": "tokenizer", "step": 80, "max_steps": 1500, "loss": None}) == "tokenizer 80/1500"
+    assert describe({"phase": "evaluation", "step": 600, "max_steps": 600}) == "evaluation at step 600"
+    assert describe({"phase": "set-up"}) == "set-up"
+
+
+def test_write_and_read_progress(tmp_path):
+    path = tmp_path / "t" / PROGRESS_FILE
+    assert read_progress(path) is None
+    write_progress(path, "training", step=3, max_steps=9, loss=1.5)
+    record = read_progress(path)
+    assert record["phase"] == "training" and record["step"] == 3 and abs(record["time"] - time.time()) < 60
+    write_progress(None, "training")  # nobody watching: nothing written, no error
+    env = TrialContext(progress_file=str(path)).environment()
+    assert TrialContext.from_environment(env).progress_file == str(path)
+
+
+def test_the_eta_comes_from_the_median_finished_trial_and_the_workers():
+    clock = SweepClock(workers=1)
+    assert clock.eta(5) is None and format_duration(None) == "ETA after the first trial"
+    for seconds in (300.0, 100.0, 120.0):  # the first trial also trained the tokenizer
+        clock.finished(seconds)
+    assert clock.eta(3, running_elapsed=20.0) == pytest.approx(100 + 2 * 120)
+    assert SweepClock(workers=2).eta(1) is None
+    two = SweepClock(workers=2)
+    two.finished(100.0)
+    assert two.eta(4) == pytest.approx(200.0)
+    assert format_duration(340) == "ETA 5m40s" and format_duration(3 * 3600 + 120) == "ETA 3h02m"
+
+
+def test_the_console_line_lists_every_fresh_running_trial(tmp_path):
+    sweep = Sweep.__new__(Sweep)  # only the sweep directory matters here
+    sweep.sweep_dir = tmp_path
+    write_progress(tmp_path / "trial-0003" / PROGRESS_FILE, "training", step=450, max_steps=600, loss=3.9)
+    write_progress(tmp_path / "trial-0004" / PROGRESS_FILE, "evaluation", step=600, max_steps=600)
+    write_progress(tmp_path / "trial-0001" / PROGRESS_FILE, "done", step=600, max_steps=600)
+    write_progress(tmp_path / "trial-0000" / PROGRESS_FILE, "training", step=5, max_steps=600)
+    stale = read_progress(tmp_path / "trial-0000" / PROGRESS_FILE)
+    (tmp_path / "trial-0000" / PROGRESS_FILE).write_text(__import__("json").dumps({**stale, "time": time.time() - 3600}))
+    line = sweep._running_trials("ETA 4m10s")
+    assert line == "trial 3: training 450/600 loss 3.900 | trial 4: evaluation at step 600 | ETA 4m10s"
+
+
+def test_the_driver_refreshes_while_a_trial_runs(tmp_path):
+    calls = []
+    _run_process([sys.executable, "-c", "import time; time.sleep(2.5)"], tmp_path / "log.txt", {}, lambda: calls.append(1))
+    assert len(calls) >= 1
+
+
+def test_points_are_named_as_people_write_them():
+    assert point_name({"seed": "1", "schedule": "cosine", "decode.steps": "8"}) == "decode.steps=8 schedule=cosine seed=1"
+
+
+def test_the_training_bar_counts_steps_when_the_budget_is_steps():
+    from lightning_mim.callbacks.progress_bar import train_description
+
+    assert train_description(11, -1, 450, 600) == "Epoch 11 · step 450/600"  # Lightning printed "Epoch 11/-2"
+    assert train_description(2, 10, 30, -1) == "Epoch 2/9"
+    assert train_description(2, 10, 30, 100) == "Epoch 2/9 · step 30/100"
+
+
+def test_known_library_noise_is_filtered_and_the_rest_is_not(caplog):
+    import logging
+    import warnings
+
+    from lightning_mim.orchestration.noise import filter_known_noise
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        filter_known_noise()
+        warnings.warn("Found 87 module(s) in eval mode at the start of training. This may lead to ...")
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...")
+        warnings.warn("something new")
+    assert [str(w.message) for w in caught] == ["something new"]
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        logger.info("💡 Tip: For seamless cloud logging ... try installing [litlogger](https://pypi.org/project/litlogger/)")
+        logger.info("`Trainer.fit` stopped: `max_steps=6` reached.")
+    assert [r.getMessage() for r in caplog.records] == ["`Trainer.fit` stopped: `max_steps=6` reached."]
