@@ -76,6 +76,32 @@ def test_grid_sweep_gives_complete_trials_and_nested_mlflow_runs(grid_sweep):
     # the printed summary: table, MLflow UI command and the runs-table URL
     assert "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
     assert "workflowType=machine_learning" in proc.stdout
+    # children are named by their point, and the params that differ between them are the swept axes
+    assert sorted(r.info.run_name for r in children) == sorted(f"schedule={s} seed={i}" for s in ("cosine", "sqrt") for i in range(3))
+    keys = set().union(*(r.data.params for r in children))
+    differing = {k for k in keys if len({r.data.params.get(k) for r in children}) > 1}
+    assert differing == {"seed", "schedule.name", "choices.schedule"}, differing
+    assert all(not v.startswith("/") for r in children for v in r.data.params.values())  # paths are tags
+    assert all(r.data.tags["path.callbacks.pictures.out_dir"].startswith(str(home)) for r in children)
+
+
+def test_the_compare_link_opens_exactly_the_finished_children(grid_sweep):
+    from urllib.parse import unquote
+
+    from mlflow.tracking import MlflowClient
+
+    home, _, proc = grid_sweep
+    study, _ = _trials(home)
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    children = _child_runs(home, parent)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("compare:"))
+    url = line.split(maxsplit=1)[1]
+    route, query = unquote(url).split("#/compare-runs?", 1)
+    runs_part, experiments_part = query.split("&experiments=")
+    assert sorted(json.loads(runs_part.removeprefix("runs="))) == sorted(r.info.run_id for r in children)
+    assert json.loads(experiments_part) == [children[0].info.experiment_id]
+    client = MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
+    assert client.get_run(parent).data.tags["lightning_mim.compare_url"] == url
 
 
 def test_rerunning_the_same_sweep_runs_nothing(grid_sweep):

@@ -49,12 +49,13 @@ from lightning_mim.orchestration.summary import (
     summarize,
 )
 from lightning_mim.orchestration.sweep_spec import SweepSpec, named_sweeps, parse, search_space_for_tpe, write_spec
-from lightning_mim.orchestration.tracking import ensure_experiment, runs_table_url, ui_command
+from lightning_mim.orchestration.tracking import compare_runs_url, ensure_experiment, runs_table_url, ui_command
 from lightning_mim.statistics import ALPHA
 
 HEARTBEAT_SECONDS = 30
 
 
+COMPARE_TAG = "lightning_mim.compare_url"  # on the parent run: MLflow's compare view of the finished children
 POLL_SECONDS = 1.0  # how often the console reads the running trials' progress files
 PROGRESS_STALE_S = 120  # a progress file untouched this long belongs to a trial that is gone
 
@@ -133,7 +134,10 @@ def final_evaluation_only(cfg: DictConfig) -> list[str]:
 
 def point_name(params: dict[str, Any]) -> str:
     """A grid point as people write it: `schedule=cosine seed=1` (the seed last)."""
-    return " ".join(f"{k}={v}" for k, v in sorted(params.items(), key=lambda kv: (kv[0] == "seed", kv[0])))
+    def shown(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    return " ".join(f"{k}={shown(v)}" for k, v in sorted(params.items(), key=lambda kv: (kv[0] == "seed", kv[0])))
 
 
 # -- the sweep ------------------------------------------------------------------------------------
@@ -265,7 +269,7 @@ class Sweep:
         trial_dir = self.sweep_dir / f"trial-{trial.number:04d}"
         tags = {"lightning_mim.role": "trial", "lightning_mim.study": self.study_name, "optuna.trial_number": str(trial.number)}
         context = TrialContext(parent_run_id=parent_run_id, tags=tags, progress_file=str(trial_dir / PROGRESS_FILE))
-        run_name = f"trial-{trial.number:03d}"
+        run_name = point_name(params) or f"trial-{trial.number:03d}"  # MLflow shows children by their point
         try:
             metrics = self._train_or_reuse(trial, overrides, trial_dir, run_name, context)
         except optuna.TrialPruned:
@@ -302,7 +306,7 @@ class Sweep:
 
         def train(stage_dir: Path) -> dict[str, Any]:
             args = [sys.executable, "-m", "lightning_mim.train", *overrides, *final_only,
-                    f"run_name={run_name}", f"paths.output_dir={stage_dir}", "ckpt_path=last"]
+                    f"run_name='{run_name}'", f"paths.output_dir={stage_dir}", "ckpt_path=last"]
             pruning = dict(storage=self.storage_url, study=self.study_name, trial_id=trial._trial_id,
                            monitor=self.spec.objective, pruner=self.spec.effective_pruner())
             env = {**os.environ, **dataclasses.replace(context, pruning=pruning).environment()}
@@ -318,7 +322,7 @@ class Sweep:
         # A checkpoint trained by an earlier trial: evaluate it at this trial's inference settings.
         result_file = result_path(trial_dir)
         args = [sys.executable, "-m", "lightning_mim.evaluate", f"ckpt={trained['checkpoint']}", *overrides,
-                f"run_name={run_name}", f"paths.output_dir={trial_dir}", f"result_file={result_file}"]
+                f"run_name='{run_name}'", f"paths.output_dir={trial_dir}", f"result_file={result_file}"]
         _run_process(args, trial_dir / "evaluate.log", {**os.environ, **context.environment()}, self._refresh_console)
         evaluated = read_result(result_file)
         return {**trained["metrics"], **evaluated["metrics"]}
@@ -451,7 +455,22 @@ class Sweep:
             log_to_parent(client, parent, points, self.spec.objective)
             client.set_tag(parent, "best_point", points[0].label())
             client.set_tag(parent, "seeds_per_point", str(self.spec.seeds))
+        children = self.finished_child_runs(client)
+        if children:
+            client.set_tag(parent, COMPARE_TAG, compare_runs_url(children, [self.experiment_id]))
         client.set_terminated(parent, status="FINISHED")
+
+    def finished_child_runs(self, client=None) -> list[str]:
+        """Ids of this sweep's FINISHED child runs (one per completed trial; trained or evaluated), in
+        trial order: what the compare link opens."""
+        from mlflow.tracking import MlflowClient
+
+        client = client or MlflowClient(tracking_uri=self.tracking_uri)
+        query = (f"tags.`lightning_mim.study` = '{self.study_name}' and tags.`lightning_mim.role` = 'trial' "
+                 "and attributes.status = 'FINISHED'")
+        runs = client.search_runs([self.experiment_id], filter_string=query, max_results=5000)
+        runs.sort(key=lambda r: int(r.data.tags.get("optuna.trial_number", 0)))
+        return [r.info.run_id for r in runs]
 
 
 def print_summary(sweep: Sweep, trials: list[optuna.trial.FrozenTrial]) -> None:
@@ -492,6 +511,9 @@ def print_summary(sweep: Sweep, trials: list[optuna.trial.FrozenTrial]) -> None:
     if sweep.tracking_uri:
         print(f"MLflow UI:  {ui_command(sweep.tracking_uri)}")
         print(f"runs table: {runs_table_url(sweep.experiment_id)}")
+        children = sweep.finished_child_runs()
+        if children:
+            print(f"compare:    {compare_runs_url(children, [sweep.experiment_id])}")
     print(f"study: {sweep.study_name} in {sweep.storage_url} (rerun the same command to resume)")
 
 

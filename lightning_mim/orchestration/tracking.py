@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -85,16 +87,64 @@ def mlflow_logger(cfg: DictConfig, parent_run_id: str | None = None, extra_tags:
     return MLFlowLogger(tags=tags or None, **spec)
 
 
+_ALIAS = re.compile(r"^\$\{\.*[A-Za-z_][\w.]*\}$")  # `${seed}`, `${transformer}`, `${.resolution}`: a plain reference
+
+
+def alias_keys(cfg: DictConfig) -> set[str]:
+    """Dotted keys of `cfg` whose value is a plain reference to another key (`data.seed: ${seed}`,
+    `model.transformer: ${transformer}`): the same value is a param under its own key already."""
+    found: set[str] = set()
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for key in node.keys():
+            name = f"{prefix}{key}"
+            if OmegaConf.is_interpolation(node, key):
+                if _ALIAS.match(str(node._get_node(key)._value())):
+                    found.add(name)
+                continue
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                walk(child, name + ".")
+
+    walk(cfg, "")
+    return found
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, str) and (value.startswith("/") or value.startswith("~"))
+
+
+def run_params_and_path_tags(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, str]]:
+    """(params, tags) of a run. Params: every resolved key of `cfg` that says what the run computes,
+    flat (`schedule.name`, `decode.steps`, `choices.ratio`), without the bookkeeping keys and without
+    aliases (`alias_keys`), so in MLflow's compare view the params that differ between a sweep's
+    children are its axes. Tags `path.<key>`: file-system locations (output, cache, checkpoint
+    files), which differ from run to run without changing what is computed."""
+    aliases = alias_keys(cfg)
+    params, tags = {}, {}
+    for key, value in flatten(cfg).items():
+        if key.startswith(BOOKKEEPING_KEYS) or any(key == a or key.startswith(a + ".") for a in aliases):
+            continue
+        if _is_path(value):
+            tags[f"path.{key}"] = str(value)
+        else:
+            params[key] = value
+    return params, tags
+
+
 def run_params(cfg: DictConfig) -> dict[str, Any]:
-    """Every resolved key of `cfg` that says what a run computes, flat (`schedule.name`, `decode.steps`,
-    `choices.ratio`): the MLflow params of a training run and of an evaluation run alike."""
-    return {k: v for k, v in flatten(cfg).items() if not k.startswith(BOOKKEEPING_KEYS)}
+    """The MLflow params of a training run and of an evaluation run alike (see `run_params_and_path_tags`)."""
+    return run_params_and_path_tags(cfg)[0]
 
 
 def log_run_config(logger, cfg: DictConfig, config_file: Path) -> None:
-    """The run's params (`run_params`) on a Lightning logger, and its config YAML as an artifact."""
-    logger.log_hyperparams(run_params(cfg))
+    """The run's params and path tags (`run_params_and_path_tags`) on a Lightning logger, and its
+    config YAML as an artifact."""
+    params, tags = run_params_and_path_tags(cfg)
+    logger.log_hyperparams(params)
     if hasattr(logger, "experiment") and hasattr(logger, "run_id"):
+        for key, value in tags.items():
+            logger.experiment.set_tag(logger.run_id, key, value)
         logger.experiment.log_artifact(logger.run_id, str(config_file))
 
 
@@ -105,3 +155,12 @@ def runs_table_url(experiment_id: str, host: str = "127.0.0.1", port: int = 5000
 
 def ui_command(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri} --host {host} --port {port}"
+
+
+def compare_runs_url(run_ids: list[str], experiment_ids: list[str], host: str = "127.0.0.1", port: int = 5000) -> str:
+    """MLflow's compare view of `run_ids` (parallel coordinates of their params and metrics). The route
+    is the UI's own `getCompareRunPageRoute`: `#/compare-runs?runs=<JSON list>&experiments=<JSON list>`."""
+    from urllib.parse import quote
+
+    runs, experiments = quote(json.dumps(list(run_ids))), quote(json.dumps(list(experiment_ids)))
+    return f"http://{host}:{port}/#/compare-runs?runs={runs}&experiments={experiments}"
