@@ -11,8 +11,8 @@ tests/, so a run that uses it needs tests/ on the import path:
         +callbacks.rank_data._target_=_rank_recorder.RankDataRecorder \
         +callbacks.rank_data.out_dir=/tmp/rank-data
 
-It hashes every sample (a few µs per image): keep it out of production runs. The per-rank seeding it
-is usually paired with is `lightning_mim.callbacks.PerRankSeed`.
+It hashes every sample (a few µs per image): keep it out of production runs. Under DDP, `train.run`
+adds `lightning_mim.callbacks.PerRankSeed` by itself, so the RNG fingerprints differ between ranks.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ class RankDataRecorder(pl.Callback):
     `train_losses` (this rank's unsynced loss per batch), `rng` (RNG fingerprint per training batch),
     `per_device_batch`, `accumulate_grad_batches`, `global_batch`, `lr` (first param group at the
     start of training), `validations` (per validation: global_step, the sample hashes and labels this
-    rank evaluated, and `metrics` = `trainer.callback_metrics` as floats), `global_step` at the end.
+    rank evaluated, and `metrics` = `trainer.callback_metrics` as floats), `global_step` and a `weights`
+    fingerprint at the end.
     """
 
     def __init__(self, out_dir: str | os.PathLike, hash_samples: bool = True) -> None:
@@ -178,5 +179,8 @@ class RankDataRecorder(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.record["global_step"] = int(trainer.global_step)
+        # DDP keeps the replicas identical: equal fingerprints on every rank
+        blob = b"".join(p.detach().to("cpu").contiguous().numpy().tobytes() for p in pl_module.parameters())
+        self.record["weights"] = hashlib.sha1(blob).hexdigest()[:16]
         self.record["final_metrics"] = _scalars(dict(trainer.callback_metrics))
         self._write()

@@ -36,6 +36,7 @@ SHIMS = {
     "lightning_mim.evaluate": "lightning_mim.orchestration.evaluate",
     "lightning_mim.tokenize": "lightning_mim.orchestration.tokenize",
     "lightning_mim.data.prepare": "lightning_mim.orchestration.prepare",
+    "lightning_mim.report": "lightning_mim.orchestration.report",
 }
 
 # Layer -> the layers its modules may import (their own included). THE table: docs/ARCHITECTURE.md mirrors it.

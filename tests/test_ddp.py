@@ -21,7 +21,6 @@ import pytest
 import torch
 
 RECORDER = "_rank_recorder.RankDataRecorder"  # a test helper: the ranks import it from tests/ (`recorder_env`)
-PER_RANK_SEED = "lightning_mim.callbacks.PerRankSeed"
 TESTS_DIR = Path(__file__).resolve().parent
 
 
@@ -312,9 +311,7 @@ def test_two_process_ddp_on_cpu(session_home, tiny_stage2_overrides, tmp_path):
         # generation metrics once, at the last step: 20 samples in 2 batches of 10, one per rank, features gathered
         "callbacks.generation_metrics.every_n_steps=9",
         "evaluation.batch_size=10",
-        *recorder_overrides(rank_dir),
-        f"+callbacks.rank_seed._target_={PER_RANK_SEED}",
-        "+callbacks.rank_seed.seed=${seed}",
+        *recorder_overrides(rank_dir),  # no per-rank seeding override: train.run adds it under DDP by itself
     )
     run_processes([train_command(args)], recorder_env(home), tmp_path / "logs", timeout=240)
     r0, r1 = ranks = read_ranks(rank_dir, 2)
@@ -334,8 +331,10 @@ def test_two_process_ddp_on_cpu(session_home, tiny_stage2_overrides, tmp_path):
     for b0, b1 in zip(r0["train_batches"], r1["train_batches"]):
         assert b0["samples"] != b1["samples"]
         assert len(set(b0["samples"]) & set(b1["samples"])) < 8  # resampling may repeat a few, not the batch
-    # ... and so do their random draws (masks, dropout): PerRankSeed gives rank r the seed `seed + r`
+    # ... and so do their random draws (masks, dropout): by default rank r is seeded `seed + r` ...
     assert all(a != b for a, b in zip(r0["rng"], r1["rng"]))
+    # ... while DDP keeps the weights identical
+    assert r0["weights"] == r1["weights"]
 
     # validation: each rank evaluated its half, the halves cover the val split exactly, 3 times the same
     assert [v["global_step"] for v in r0["validations"]] == [3, 6, 9]

@@ -85,6 +85,19 @@ def test_grid_sweep_gives_complete_trials_and_nested_mlflow_runs(grid_sweep):
     assert all(r.data.tags["path.callbacks.pictures.out_dir"].startswith(str(home)) for r in children)
 
 
+def test_the_sweep_writes_its_report_and_logs_it_to_the_parent_run(grid_sweep):
+    from mlflow.tracking import MlflowClient
+
+    home, _, proc = grid_sweep
+    study, _ = _trials(home)
+    directory = home / "sweeps" / study.study_name / "report"
+    assert sorted(p.name for p in directory.iterdir()) == ["axis-schedule.png", "samples.png", "summary.md"]
+    assert f"report:     {directory}" in proc.stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
+    logged = {a.path for a in client.list_artifacts(study.user_attrs["mlflow_parent_run_id"], "report")}
+    assert logged == {"report/axis-schedule.png", "report/samples.png", "report/summary.md"}
+
+
 def test_the_compare_link_opens_exactly_the_finished_children(grid_sweep):
     from urllib.parse import unquote
 
@@ -112,30 +125,27 @@ def test_rerunning_the_same_sweep_runs_nothing(grid_sweep):
     assert len(trials) == 6
 
 
-def test_notebook_executes_against_the_sweep(grid_sweep, tmp_path):
+def test_notebook_executes_against_the_latest_sweep_with_no_settings(grid_sweep, tmp_path, monkeypatch):
+    """Headless, no environment variables: the notebook opens ./lmim's latest sweep and shows the
+    report's table and figures and the MLflow parent run's table."""
     import nbformat
     from nbclient import NotebookClient
 
     home, _, _ = grid_sweep
     study, _ = _trials(home)
+    monkeypatch.delenv("LIGHTNING_MIM_HOME", raising=False)
+    (tmp_path / "lmim").symlink_to(home)  # the default home, seen from the notebook's directory
     notebook = nbformat.read(Path(__file__).parents[1] / "notebooks" / "ablations.ipynb", as_version=4)
-    figures = tmp_path / "figures"
-    os.environ.update(
-        LMIM_TRACKING_URI=f"sqlite:///{home}/mlflow.db", LMIM_EXPERIMENT="digits-maskgit", LMIM_FIGURES=str(figures),
-        LMIM_STUDY=study.study_name,  # only this sweep's runs
-    )
-    try:
-        NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    finally:
-        for key in ("LMIM_TRACKING_URI", "LMIM_EXPERIMENT", "LMIM_FIGURES", "LMIM_STUDY"):
-            os.environ.pop(key)
-    outputs = "".join(str(o.get("text", "")) for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
-    assert "6 finished trial runs" in outputs
-    for name in ("steps_per_schedule", "metric_per_schedule", "schedules"):
-        assert (figures / f"{name}.png").stat().st_size > 1000
-    assert "2 grid points from 1 sweep(s)" in outputs
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = "".join(str(o.get("text", "")) + str((o.get("data") or {}).get("text/markdown", ""))
+                      for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+    assert f"study {study.study_name}: 6 trials, 2 grid points, axes ['schedule']" in outputs
+    assert "| schedule | seeds | val/fid_domain |" in outputs  # the report's table
+    images = sum(1 for c in notebook.cells if c.cell_type == "code" for o in c.outputs if "image/png" in (o.get("data") or {}))
+    assert images >= 2  # the schedule axis figure and the samples
     for line in _point_lines(home, study):  # the same numbers as the sweep's console table
         assert line in outputs, line
+    assert "compare the runs in MLflow: http://127.0.0.1:5000/#/compare-runs?runs=" in outputs
 
 
 def _point_lines(home: Path, study) -> list[str]:
@@ -198,6 +208,12 @@ def test_killed_sweep_resumes_with_only_the_missing_trials(tmp_path, tiny_stage2
             done = _complete_params(trials)
             first_done = done[0] if done else None
     assert first_done is not None, "the first trial never finished"
+    # kill the driver once the second trial's MLflow run has started (the run MLflow would keep RUNNING)
+    study, _ = _trials(home)
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    while time.time() < deadline and not any(r.info.status == "RUNNING" for r in _child_runs(home, parent)):
+        time.sleep(0.5)
+    assert any(r.info.status == "RUNNING" for r in _child_runs(home, parent)), "the second trial's run never started"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
@@ -206,6 +222,13 @@ def test_killed_sweep_resumes_with_only_the_missing_trials(tmp_path, tiny_stage2
     complete = _complete_params(trials)
     assert len(set(complete)) == 4 and len(complete) == 4, complete
     assert Counter(complete)[first_done] == 1  # the finished trial was not redone
+    # MLflow: one FINISHED child per point, and the dead trial's run ended (KILLED, with the reason)
+    children = _child_runs(home, parent)
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert len(finished) == 4 and len({r.info.run_name for r in finished}) == 4
+    killed = [r for r in children if r.info.status == "KILLED"]
+    assert len(killed) == 1 and "driver process died" in killed[0].data.tags["error"]
+    assert not [r for r in children if r.info.status == "RUNNING"]
 
 
 def test_two_workers_split_the_grid_without_duplicates(tmp_path, tiny_stage2_overrides):

@@ -8,8 +8,8 @@ independent ones. Rank 0 keeps `seed`, so a single-process run is unchanged. The
 before the ranks exist (identical everywhere; DDP broadcasts rank 0's anyway), and the data pipeline
 and the evaluation code seed themselves explicitly, so none of them depends on this.
 
-    python -m lightning_mim.train trainer=ddp trainer.devices=2 \
-        +callbacks.rank_seed._target_=lightning_mim.callbacks.PerRankSeed '+callbacks.rank_seed.seed=${seed}'
+`python -m lightning_mim.train` adds it by itself whenever the world size is above 1 (any `trainer=ddp`,
+`slurm` or `torchrun` run with more than one process), so nobody has to know about it.
 """
 
 from __future__ import annotations

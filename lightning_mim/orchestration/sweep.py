@@ -208,13 +208,16 @@ class Sweep:
         """
         host = socket.gethostname()
         with file_lock(self.sweep_dir / "ask.lock"):
-            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            for trial in running:
                 attrs = trial.user_attrs
                 if attrs.get("host") == host and not pid_alive(int(attrs.get("pid", -1))):
                     study._storage.set_trial_user_attr(trial._trial_id, "error", DRIVER_DIED)
                     study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
             optuna.storages.fail_stale_trials(study)
             trials = study.get_trials(deepcopy=False)
+            dead = {t.number for t in running} & {t.number for t in trials if t.state == TrialState.FAIL}
+            self._end_dead_runs(sorted(dead))
             taken = {
                 json.dumps(t.params or t.system_attrs.get("fixed_params", {}), sort_keys=True)
                 for t in trials
@@ -229,6 +232,21 @@ class Sweep:
             for key, count in tries.items():
                 if key not in taken and count <= self.spec.retries:
                     study.enqueue_trial(json.loads(key), user_attrs={"retry": count})
+
+    def _end_dead_runs(self, numbers: list[int]) -> None:
+        """End the MLflow runs of trials whose driver died (they would stay RUNNING for good): KILLED,
+        with the reason as the `error` tag. The redone trial gets a run of its own."""
+        if not numbers or not self.tracking_uri:
+            return
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        for number in numbers:
+            query = (f"tags.`lightning_mim.study` = '{self.study_name}' and tags.`optuna.trial_number` = '{number}' "
+                     "and attributes.status = 'RUNNING'")
+            for run in client.search_runs([self.experiment_id], filter_string=query):
+                client.set_tag(run.info.run_id, "error", f"{DRIVER_DIED}: the trial is redone by the next run of the sweep")
+                client.set_terminated(run.info.run_id, status="KILLED")
 
     def remaining(self, study: optuna.Study) -> int:
         trials = study.get_trials(deepcopy=False)
@@ -271,7 +289,8 @@ class Sweep:
         context = TrialContext(parent_run_id=parent_run_id, tags=tags, progress_file=str(trial_dir / PROGRESS_FILE))
         run_name = point_name(params) or f"trial-{trial.number:03d}"  # MLflow shows children by their point
         try:
-            metrics = self._train_or_reuse(trial, overrides, trial_dir, run_name, context)
+            metrics, checkpoint = self._train_or_reuse(trial, overrides, trial_dir, run_name, context)
+            trial.set_user_attr("checkpoint", checkpoint)  # the report finds the model's pictures beside it
         except optuna.TrialPruned:
             raise  # the training process already tagged its MLflow run optuna.state=PRUNED
         except Exception as err:
@@ -295,9 +314,12 @@ class Sweep:
             params[key] = trial._suggest(key, dist)
         return params
 
-    def _train_or_reuse(self, trial, overrides, trial_dir: Path, run_name: str, context: TrialContext) -> dict[str, float]:
+    def _train_or_reuse(
+        self, trial, overrides, trial_dir: Path, run_name: str, context: TrialContext
+    ) -> tuple[dict[str, float], str]:
         """Train the stage-2 model for these training settings once (the stage cache); evaluate it for
-        the rest. A pruned training is not marked done: the next trial with the same settings resumes it."""
+        the rest. A pruned training is not marked done: the next trial with the same settings resumes it.
+        Returns (the trial's metrics, the trained checkpoint)."""
         training_overrides = [o for o in overrides if not self.spec.is_inference_only(o.split("=", 1)[0].lstrip("+~"))]
         train_cfg = compose(training_overrides)
         absolutize_paths(train_cfg)
@@ -318,14 +340,14 @@ class Sweep:
 
         trained, trained_now = cached(str(train_cfg.choices.get("model", "model")), train_cfg, train)
         if trained_now:
-            return trained["metrics"]
+            return trained["metrics"], trained["checkpoint"]
         # A checkpoint trained by an earlier trial: evaluate it at this trial's inference settings.
         result_file = result_path(trial_dir)
         args = [sys.executable, "-m", "lightning_mim.evaluate", f"ckpt={trained['checkpoint']}", *overrides,
                 f"run_name='{run_name}'", f"paths.output_dir={trial_dir}", f"result_file={result_file}"]
         _run_process(args, trial_dir / "evaluate.log", {**os.environ, **context.environment()}, self._refresh_console)
         evaluated = read_result(result_file)
-        return {**trained["metrics"], **evaluated["metrics"]}
+        return {**trained["metrics"], **evaluated["metrics"]}, trained["checkpoint"]
 
     def _record_failed_run(self, run_name, parent_run_id, tags, params, error: str) -> None:
         """Make sure MLflow shows the failed trial as FAILED with its error, whatever state it died in."""
@@ -517,6 +539,22 @@ def print_summary(sweep: Sweep, trials: list[optuna.trial.FrozenTrial]) -> None:
     print(f"study: {sweep.study_name} in {sweep.storage_url} (rerun the same command to resume)")
 
 
+def write_sweep_report(sweep: Sweep) -> None:
+    """The sweep's report (`orchestration.report`): figures per axis, samples, table; logged to the parent run."""
+    from lightning_mim.orchestration import report
+
+    try:
+        study = report.find_study(sweep.home, sweep.study_name)
+        files = report.write_report(study)
+        if sweep.tracking_uri:
+            report.log_report(study, sweep.tracking_uri, files)
+    except Exception as err:  # a report problem must not turn a finished sweep into a failure
+        print(f"report: not written ({type(err).__name__}: {err})", file=sys.stderr)
+        return
+    print(f"report:     {study.directory / report.REPORT_DIR} ({', '.join(p.name for p in files)}); "
+          f"again: python -m lightning_mim.report {sweep.study_name}")
+
+
 HELP = """usage: python -m lightning_mim.sweep [sweep=NAME] [AXIS=a,b,c ...] [KEY=VALUE ...] [sweep.OPTION=VALUE ...]
 
   AXIS=a,b,c                       grid axis (cartesian product with the other axes)
@@ -595,6 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\ninterrupted: the study is saved; rerun the same command to resume", file=sys.stderr)
         return 130
     print_summary(sweep, trials)
+    write_sweep_report(sweep)
     print(f"wall time {time.time() - start:.0f} s")
     failed = sum(t.state == TrialState.FAIL for t in trials)
     return 1 if failed and not any(t.state == TrialState.COMPLETE for t in trials) else 0

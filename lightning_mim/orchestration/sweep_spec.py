@@ -253,5 +253,6 @@ def write_spec(spec: SweepSpec, path: Path) -> None:
         "n_trials": spec.n_trials,
         "seeds": spec.seeds,
         "inference_only": spec.inference_only,
+        "storage": spec.storage,  # None: sqlite:///<home>/optuna.db
     }
     path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_mim.callbacks import StepBudgetProgressBar
+from lightning_mim.callbacks import PerRankSeed, StepBudgetProgressBar
 from lightning_mim.orchestration import pruning_callback
 from lightning_mim.orchestration.noise import filter_known_noise
 from lightning_mim.orchestration.config import ConfigError, absolutize_paths, compose, config_groups, group_options, report_config_error
@@ -68,6 +68,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger=logger if logger is not None else False,
         default_root_dir=str(output_dir),
     )
+    if trainer.world_size > 1 and not any(isinstance(c, PerRankSeed) for c in trainer.callbacks):
+        # MAE/MAGE's `seed + rank`: without it every rank draws the same masks, dropout and views
+        trainer.callbacks.append(PerRankSeed(int(cfg.seed)))
     if logger is not None:
         log_run_config(logger, cfg, output_dir / "config.yaml")
     trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg, checkpoint_cb))

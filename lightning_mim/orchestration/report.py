@@ -1,0 +1,334 @@
+"""`python -m lightning_mim.report [STUDY]`: a sweep's figures and table, shaped by its own axes.
+
+Written at the end of every sweep (and on demand for any finished study; the latest one when no study
+is named) under `<home>/sweeps/<study>/report/`, and logged to the sweep's MLflow parent run under
+`report/`:
+
+- `axis-<key>.png`, one per swept axis of a grid: the objective (and CAS or FID beside it) against
+  that axis — a line for numeric axes (`decode.steps`), bars for categorical ones (`schedule`) — one
+  series per value of the other axes, error bars the 95 % interval over seeds when there are seeds;
+- `samples.png`: the class grid each grid point's model drew at the end of its training, side by side;
+- for search-space sweeps, Optuna's own matplotlib plots: `history.png`, `slice.png`, `importances.png`;
+- `summary.md`: the sweep's table (mean ± 95 % interval, Welch's test against the best point).
+
+The numbers come from the study itself (`summary.summarize` of its trials), so they are the console
+table's. The notebook `notebooks/ablations.ipynb` calls these same functions.
+
+Why hand-written axis plots: MLflow's compare view and Optuna's plots know nothing of seeds or of
+which params are the ablation's axes; a grid ablation wants its objective against each axis with
+intervals, which neither draws.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import optuna
+import yaml
+
+from lightning_mim.orchestration.summary import (
+    REPORTED_METRICS,
+    SEED_KEY,
+    PointSummary,
+    format_comparison,
+    format_estimate,
+    outcomes_from_optuna,
+    summarize,
+)
+
+REPORT_DIR = "report"
+SPEC_FILE = "spec.yaml"
+
+
+@dataclass
+class Study:
+    """A finished (or running) sweep as the report reads it."""
+
+    name: str
+    directory: Path  # <home>/sweeps/<study>
+    spec: dict[str, Any]  # spec.yaml
+    trials: list[optuna.trial.FrozenTrial]
+
+    @property
+    def objective(self) -> str:
+        return str(self.spec["objective"])
+
+    @property
+    def direction(self) -> str:
+        return str(self.spec["direction"])
+
+    @property
+    def axes(self) -> list[str]:
+        """The grid's swept keys (seed excluded), in the order the spec lists them."""
+        return [k for k in (self.spec.get("grid") or {}) if k != SEED_KEY]
+
+    @property
+    def is_search(self) -> bool:
+        return bool(self.spec.get("search"))
+
+    def points(self) -> list[PointSummary]:
+        return summarize(outcomes_from_optuna(self.trials), self.objective, self.direction)
+
+    @property
+    def parent_run_id(self) -> str | None:
+        """The sweep's MLflow parent run (None before the sweep created it)."""
+        return optuna.load_study(study_name=self.name, storage=self.storage).user_attrs.get("mlflow_parent_run_id")
+
+    @property
+    def storage(self) -> str:
+        return self.spec.get("storage") or f"sqlite:///{self.directory.parent.parent}/optuna.db"
+
+    def axis_values(self, axis: str) -> list[str]:
+        return [str(v) for v in (self.spec.get("grid") or {}).get(axis, [])]
+
+
+def home_dir(home: str | os.PathLike | None = None) -> Path:
+    return Path(home or os.environ.get("LIGHTNING_MIM_HOME") or "lmim").expanduser().resolve()
+
+
+def find_study(home: str | os.PathLike | None = None, name: str | None = None) -> Study:
+    """The study `name` of `home` (default: the sweep whose spec was written last)."""
+    sweeps = home_dir(home) / "sweeps"
+    if name:
+        directory = sweeps / name
+        if not (directory / SPEC_FILE).is_file():
+            known = sorted(p.parent.name for p in sweeps.glob(f"*/{SPEC_FILE}"))
+            raise FileNotFoundError(f"no sweep '{name}' in {sweeps}; known: {', '.join(known) or 'none'}")
+    else:
+        specs = sorted(sweeps.glob(f"*/{SPEC_FILE}"), key=lambda p: p.stat().st_mtime)
+        if not specs:
+            raise FileNotFoundError(f"no sweep in {sweeps} (run `python -m lightning_mim.sweep ...` first)")
+        directory = specs[-1].parent
+    spec = yaml.safe_load((directory / SPEC_FILE).read_text()) or {}
+    found = Study(directory.name, directory, spec, [])
+    found.trials = optuna.load_study(study_name=found.name, storage=found.storage).get_trials(deepcopy=False)
+    return found
+
+
+# -- one figure per swept axis --------------------------------------------------------------------------
+def _numeric(values: Sequence[str]) -> bool:
+    try:
+        [float(v) for v in values]
+    except ValueError:
+        return False
+    return True
+
+
+def axis_series(study: Study, points: Sequence[PointSummary], axis: str, metric: str) -> dict[str, list[tuple[str, float, float | None]]]:
+    """{series label: [(axis value, mean, CI half-width or None), ...]} of `metric` against `axis`,
+    one series per combination of the other axes' values (label "all" when there is none); series and
+    axis values in the spec's order."""
+    others = [a for a in study.axes if a != axis]
+
+    def rank(key: str, value: str) -> int:
+        values = study.axis_values(key)
+        return values.index(value) if value in values else len(values)
+
+    series: dict[str, list[tuple[str, float, float | None]]] = {}
+    ranks: dict[str, tuple[int, ...]] = {}
+    for point in points:
+        estimate = point.estimates.get(metric)
+        if estimate is None or axis not in point.params:
+            continue
+        label = ", ".join(f"{k}={point.params[k]}" for k in others) or "all"
+        ranks[label] = tuple(rank(k, point.params[k]) for k in others)
+        series.setdefault(label, []).append((point.params[axis], estimate.mean, estimate.half_width))
+    for label in series:
+        series[label].sort(key=lambda item: rank(axis, item[0]))
+    return {label: series[label] for label in sorted(series, key=lambda label: (ranks[label], label))}
+
+
+def _panel_metrics(study: Study, points: Sequence[PointSummary]) -> list[str]:
+    """The objective, then CAS (or FID when CAS is the objective) when the trials report it."""
+    companion = next((m for m in ("val/cas", "val/fid_domain") if m != study.objective), None)
+    present = companion is not None and any(companion in p.estimates for p in points)
+    return [study.objective, *([companion] if present else [])]
+
+
+def draw_axis_figure(study: Study, points: Sequence[PointSummary], axis: str, path: Path):
+    """The figure of `axis` (see the module docstring), saved to `path`; returns the matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = _panel_metrics(study, points)
+    values = study.axis_values(axis)
+    numeric = _numeric(values)
+    fig, panels = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    seeds = max((len(p.seeds) for p in points), default=1)
+    for ax, metric in zip(panels[0], metrics):
+        series = axis_series(study, points, axis, metric)
+        width = 0.8 / max(1, len(series))
+        for index, (label, rows) in enumerate(series.items()):
+            xs = [float(v) if numeric else values.index(v) + (index - (len(series) - 1) / 2) * width for v, _, _ in rows]
+            means = [m for _, m, _ in rows]
+            errors = [h or 0.0 for _, _, h in rows]
+            shown = label if label != "all" else f"mean ± 95 % CI ({seeds} seeds)" if seeds > 1 else "one seed"
+            if numeric:
+                ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=shown)
+            else:
+                ax.bar(xs, means, width=width, yerr=errors, capsize=3, label=shown)
+        if not numeric:
+            ax.set_xticks(range(len(values)), values)
+        ax.set_xlabel(axis)
+        better = "↓" if (metric == study.objective and study.direction == "minimize") or "fid" in metric or "loss" in metric else "↑"
+        ax.set_ylabel(f"{metric} {better}")
+        ax.legend(fontsize=8, title=", ".join(a for a in study.axes if a != axis) or None)
+    fig.suptitle(f"{study.name}: {', '.join(metrics)} vs {axis}" + (f" (error bars: 95 % CI over {seeds} seeds)" if seeds > 1 else ""))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
+
+
+# -- the points' samples, side by side ---------------------------------------------------------------------
+def sample_grids(study: Study) -> dict[str, Path]:
+    """{point label: the last class-grid picture its model drew}, one per trained grid point (seed 0)."""
+    found: dict[str, Path] = {}
+    for trial in study.trials:
+        checkpoint = trial.user_attrs.get("checkpoint")
+        if trial.state.name != "COMPLETE" or not checkpoint or str(trial.params.get(SEED_KEY, "0")) != "0":
+            continue
+        pictures = sorted((Path(checkpoint).parents[1] / "pictures" / "class_grid").glob("step_*.png"))
+        label = " ".join(f"{k}={v}" for k, v in sorted(trial.params.items()) if k != SEED_KEY) or "all"
+        if pictures:
+            found.setdefault(label, pictures[-1])
+    return dict(sorted(found.items()))
+
+
+def draw_samples(grids: dict[str, Path], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    columns = min(4, len(grids))
+    rows = -(-len(grids) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (label, picture) in zip(axes.flat, grids.items()):
+        ax.imshow(Image.open(picture))
+        ax.set_title(label, fontsize=8)
+    fig.suptitle("class grids at the end of training (seed 0)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- search spaces: Optuna's own plots -----------------------------------------------------------------
+def draw_optuna_plots(study: Study, directory: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import warnings
+
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    loaded = optuna.load_study(study_name=study.name, storage=study.storage)
+    written = []
+    complete = [t for t in loaded.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    plots = [("history", ovm.plot_optimization_history), ("slice", ovm.plot_slice)]
+    if len(complete) >= 2 and len(complete[0].params) >= 1:
+        plots.append(("importances", ovm.plot_param_importances))
+    for name, plot in plots:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
+            try:
+                axes = plot(loaded)
+            except (ValueError, RuntimeError) as err:  # e.g. importances of a one-valued space
+                print(f"report: no {name} plot ({err})", file=sys.stderr)
+                continue
+        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
+        figure.set_size_inches(max(6, figure.get_size_inches()[0]), 4.5)
+        figure.tight_layout()
+        path = directory / f"{name}.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+# -- the table and the whole report --------------------------------------------------------------------
+def summary_markdown(study: Study, points: Sequence[PointSummary]) -> str:
+    metrics = [study.objective, *(m for m in REPORTED_METRICS if m != study.objective)]
+    metrics = [m for m in metrics if any(m in p.estimates for p in points)]
+    axes = study.axes or sorted({k for p in points for k in p.params})
+    lines = [
+        f"# {study.name}: {study.objective} ({study.direction})",
+        "",
+        "mean ± half-width of the 95 % interval over seeds (Student t); vs best: Welch's t-test at α = 0.05",
+        "",
+        "| " + " | ".join([*axes, "seeds", *metrics, "vs best"]) + " |",
+        "|" + "---|" * (len(axes) + len(metrics) + 2),
+    ]
+    for point in points:
+        cells = [point.params.get(a, "") for a in axes] + [str(len(point.seeds))]
+        cells += [format_estimate(point.estimates.get(m)) for m in metrics] + [format_comparison(point)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(study: Study) -> list[Path]:
+    """Write every figure and the table of `study` under its `report/` directory; returns the files."""
+    directory = study.directory / REPORT_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    points = study.points()
+    written = []
+    table = directory / "summary.md"
+    table.write_text(summary_markdown(study, points))
+    written.append(table)
+    if points and not study.is_search:
+        for axis in study.axes:
+            path = directory / f"axis-{axis}.png"
+            draw_axis_figure(study, points, axis, path)
+            written.append(path)
+    grids = sample_grids(study)
+    if grids:
+        draw_samples(grids, directory / "samples.png")
+        written.append(directory / "samples.png")
+    if study.is_search:
+        written += draw_optuna_plots(study, directory)
+    return written
+
+
+def log_report(study: Study, tracking_uri: str, files: Sequence[Path]) -> None:
+    """Log the report's files to the sweep's MLflow parent run (artifact directory `report/`)."""
+    from mlflow.tracking import MlflowClient
+
+    parent = study.parent_run_id
+    if not parent:
+        return
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for path in files:
+        client.log_artifact(parent, str(path), artifact_path=REPORT_DIR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lightning_mim.report", description=__doc__.splitlines()[0])
+    parser.add_argument("study", nargs="?", help="the study name a sweep printed (default: the latest sweep)")
+    parser.add_argument("--home", help="the lightning-mim home (default: $LIGHTNING_MIM_HOME or ./lmim)")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log the report to the parent run")
+    args = parser.parse_args(argv)
+    try:
+        study = find_study(args.home, args.study)
+    except (FileNotFoundError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    files = write_report(study)
+    database = home_dir(args.home) / "mlflow.db"
+    if not args.no_mlflow and database.is_file():
+        log_report(study, f"sqlite:///{database}", files)
+    print(f"report of {study.name}: {study.directory / REPORT_DIR}")
+    for path in files:
+        print(f"  {path.name}")
+    return 0

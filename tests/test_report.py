@@ -1,0 +1,105 @@
+"""The sweep report: one figure per swept axis with one series per value of the other axes, the table,
+Optuna's plots for search spaces; read from a real Optuna storage of a 2-axis x 2-seed study."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import yaml
+
+from lightning_mim.orchestration import report
+
+GRID = {"decode.steps": ["4", "8", "12"], "schedule": ["cosine", "linear"], "seed": ["0", "1"]}
+
+
+def _fid(steps: str, schedule: str, seed: str) -> float:
+    return 10.0 - 0.3 * int(steps) + (1.0 if schedule == "linear" else 0.0) + 0.1 * int(seed)
+
+
+@pytest.fixture
+def grid_study(tmp_path):
+    """A finished 3 x 2 grid with 2 seeds, as a sweep leaves it: spec.yaml + trials in optuna.db."""
+    home = tmp_path / "home"
+    directory = home / "sweeps" / "adhoc-0123456789"
+    directory.mkdir(parents=True)
+    spec = {"name": "adhoc", "grid": GRID, "search": {}, "fixed": [], "objective": "val/fid_domain",
+            "direction": "minimize", "seeds": 2, "storage": None}
+    (directory / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    study = optuna.create_study(study_name=directory.name, storage=f"sqlite:///{home}/optuna.db")
+    for steps in GRID["decode.steps"]:
+        for schedule in GRID["schedule"]:
+            for seed in GRID["seed"]:
+                fid = _fid(steps, schedule, seed)
+                trial = optuna.trial.create_trial(
+                    params={"decode.steps": steps, "schedule": schedule, "seed": seed},
+                    distributions={k: optuna.distributions.CategoricalDistribution(v) for k, v in GRID.items()},
+                    value=fid,
+                    user_attrs={"metrics": {"val/fid_domain": fid, "val/cas": 0.5 + 0.01 * int(steps)}},
+                )
+                study.add_trial(trial)
+    return home, directory
+
+
+def test_the_latest_study_is_found_and_summarised(grid_study):
+    home, directory = grid_study
+    study = report.find_study(home)
+    assert study.name == directory.name and study.axes == ["decode.steps", "schedule"]
+    points = study.points()
+    assert len(points) == 6 and all(len(p.seeds) == 2 for p in points)
+    assert points[0].params == {"decode.steps": "12", "schedule": "cosine"}  # the lowest FID
+    with pytest.raises(FileNotFoundError, match="no sweep 'nope'"):
+        report.find_study(home, "nope")
+
+
+def test_one_series_per_value_of_the_other_axes(grid_study):
+    home, _ = grid_study
+    study = report.find_study(home)
+    points = study.points()
+    by_steps = report.axis_series(study, points, "decode.steps", "val/fid_domain")
+    assert list(by_steps) == ["schedule=cosine", "schedule=linear"]
+    cosine = by_steps["schedule=cosine"]
+    assert [x for x, _, _ in cosine] == ["4", "8", "12"]  # the spec's order, not the string order
+    assert cosine[0][1] == pytest.approx((_fid("4", "cosine", "0") + _fid("4", "cosine", "1")) / 2)
+    assert cosine[0][2] is not None and cosine[0][2] > 0  # two seeds: an interval
+    by_schedule = report.axis_series(study, points, "schedule", "val/fid_domain")
+    assert list(by_schedule) == ["decode.steps=4", "decode.steps=8", "decode.steps=12"]
+    assert [x for x, _, _ in by_schedule["decode.steps=4"]] == ["cosine", "linear"]
+
+
+def test_the_report_draws_one_figure_per_axis_with_its_legend(grid_study):
+    home, directory = grid_study
+    study = report.find_study(home)
+    files = report.write_report(study)
+    names = sorted(p.name for p in files)
+    assert names == ["axis-decode.steps.png", "axis-schedule.png", "summary.md"]
+    for path in files:
+        assert path.parent == directory / "report" and path.stat().st_size > 100
+    points = study.points()
+    steps_figure = report.draw_axis_figure(study, points, "decode.steps", directory / "check.png")
+    fid_panel, cas_panel = steps_figure.axes  # the objective, then CAS beside it
+    assert [t.get_text() for t in fid_panel.get_legend().get_texts()] == ["schedule=cosine", "schedule=linear"]
+    assert fid_panel.get_xlabel() == "decode.steps" and "val/fid_domain" in fid_panel.get_ylabel()
+    assert "val/cas" in cas_panel.get_ylabel()
+    schedule_figure = report.draw_axis_figure(study, points, "schedule", directory / "check2.png")
+    legend = [t.get_text() for t in schedule_figure.axes[0].get_legend().get_texts()]
+    assert legend == ["decode.steps=4", "decode.steps=8", "decode.steps=12"]
+    assert [t.get_text() for t in schedule_figure.axes[0].get_xticklabels()] == ["cosine", "linear"]  # bars
+    table = (directory / "report" / "summary.md").read_text()
+    assert table.count("\n| ") == 1 + 6 and "| 12 | cosine | 2 |" in table and "best" in table
+
+
+def test_search_space_studies_get_optunas_own_plots(tmp_path):
+    home = tmp_path / "home"
+    directory = home / "sweeps" / "adhoc-search"
+    directory.mkdir(parents=True)
+    spec = {"name": "adhoc", "grid": {}, "search": {"model.optim.lr": "FloatDistribution(...)"}, "objective": "val/fid_domain",
+            "direction": "minimize", "seeds": 1, "storage": None}
+    (directory / "spec.yaml").write_text(yaml.safe_dump(spec))
+    study = optuna.create_study(study_name=directory.name, storage=f"sqlite:///{home}/optuna.db")
+    dists = {"model.optim.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+             "transformer.depth": optuna.distributions.IntDistribution(1, 4)}
+    for i, lr in enumerate((1e-4, 3e-4, 1e-3, 3e-3, 1e-2)):
+        study.add_trial(optuna.trial.create_trial(params={"model.optim.lr": lr, "transformer.depth": 1 + i % 4},
+                                                  distributions=dists, value=5.0 - i * 0.5 + (i % 2)))
+    files = report.write_report(report.find_study(home, directory.name))
+    assert sorted(p.name for p in files) == ["history.png", "importances.png", "slice.png", "summary.md"]
