@@ -22,6 +22,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Small enough that a stage-2 trial takes seconds on one CPU core.
 TINY_STAGE2 = [
     "sweep_seeds=1",  # sweeps in tests run one seed per point unless they ask for more (sweep.seeds=N)
+    "sweep_jobs=1",  # ... and one trial at a time unless they ask for more (sweep.jobs=N)
     "transformer.width=32",
     "transformer.depth=1",
     "transformer.heads=2",

@@ -360,19 +360,44 @@ class FixedBatches:
         if num_batches < 1:
             raise ValueError(f"batches_per_epoch must be >= 1, got {num_batches}")
         self.loader, self.num_batches, self._epoch = loader, int(num_batches), epoch
+        self._skip = 0
+        self._generator_seed = loader.generator.initial_seed() if loader.generator is not None else None
 
     def __len__(self) -> int:
         return self.num_batches
 
+    def resume(self, epoch: int, batches_done: int) -> None:
+        """Continue as the uninterrupted run would: the next pass is epoch `epoch` (0-based, Lightning's
+        `current_epoch`) from its batch `batches_done` on.
+
+        The stream of an epoch is a function of (seed, rank, worker, epoch): the epoch counter is set,
+        the DataLoader's generator (which draws the workers' torch seeds once per pass) is replayed to
+        that pass, and the first `batches_done` batches are produced again and dropped. Why not
+        torchdata's StatefulDataLoader: webdataset's pipeline stages (resampled shards, the shuffle
+        buffer, tar iteration) keep no state it could save, so replaying the seeded pass is the exact
+        way back; its cost is reading `batches_done` batches once more.
+        """
+        if not 0 <= int(batches_done) <= self.num_batches or int(epoch) < 0:
+            raise ValueError(f"cannot resume at epoch {epoch}, batch {batches_done} of {self.num_batches}")
+        self._epoch.value = int(epoch)  # the next pass bumps it to epoch + 1, as pass number epoch did
+        self._skip = int(batches_done)
+        if self._generator_seed is not None:
+            self.loader.generator.manual_seed(self._generator_seed)
+            for _ in range(int(epoch)):  # one draw per earlier pass (DataLoader._get_shared_seed)
+                torch.empty((), dtype=torch.int64).random_(generator=self.loader.generator)
+
     def __iter__(self) -> Iterator:
         # a generator: nothing starts (no workers, no epoch bump) until the first batch is asked for
         self._epoch.value += 1
+        skip, self._skip = self._skip, 0
         batches = iter(self.loader)
         for produced in range(self.num_batches):
             try:
-                yield next(batches)
+                batch = next(batches)
             except StopIteration:
                 raise RuntimeError(f"the training stream ended after {produced} batches; are all shards unreadable?") from None
+            if produced >= skip:
+                yield batch
 
 
 class EvalBatches:

@@ -19,7 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 ROOT_CONFIG = "train"
 # Top-level config keys that say where and how a run is recorded, not what it computes: not logged as
 # MLflow params (`choices.*`, which option of each group, is) ...
-BOOKKEEPING_KEYS = ("paths", "run_name", "experiment_name", "ckpt_path", "logger", "overrides", "sweep_seeds")
+BOOKKEEPING_KEYS = (
+    "paths", "run_name", "experiment_name", "ckpt_path", "logger", "overrides", "sweep_seeds", "sweep_jobs"
+)
 # ... and, with the group choices (already expanded into the config) and the callbacks (what is
 # measured, not what is trained), not part of a stage's cache key either.
 NON_SEMANTIC_KEYS = (*BOOKKEEPING_KEYS, "choices", "callbacks")

@@ -115,6 +115,7 @@ class Evaluation(_Section):
 class Root(_Section):
     seed: int = Field(ge=0)
     sweep_seeds: int = Field(default=1, ge=1)
+    sweep_jobs: int = Field(default=1, ge=1)
     checkpoint_every_n_steps: Optional[int] = Field(default=None, ge=0)  # 0 / null: at the end only
     decode: Optional[Decode] = None
     model: Model

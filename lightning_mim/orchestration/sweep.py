@@ -148,6 +148,7 @@ class Sweep:
         absolutize_paths(probe)
         self.home = Path(probe.paths.home)
         spec.resolve_seeds(int(probe.get("sweep_seeds", 1)))  # before the study name: seeds are an axis
+        spec.resolve_jobs(int(probe.get("sweep_jobs", 1)))
         self.study_name = spec.study_name()
         self.sweep_dir = self.home / "sweeps" / self.study_name
         self.base_overrides = [*base_overrides, f"paths.home={self.home}"]
@@ -566,7 +567,8 @@ HELP = """usage: python -m lightning_mim.sweep [sweep=NAME] [AXIS=a,b,c ...] [KE
   sweep.seeds=3                    train every grid point with seeds 0..2; the table shows mean ± 95 % CI
                                    and Welch's test against the best point (default: the preset's
                                    sweep_seeds, 3 for digits_*, 1 for imagenet256_*)
-  sweep.jobs=2                     run 2 trials at once on this machine (worker processes sharing the study)
+  sweep.jobs=2                     run 2 trials at once on this machine (worker processes sharing the study,
+                                   the cores shared out; default: the preset's sweep_jobs, 2 for digits_*)
   sweep.pruner=median              prune trials on the objective's intermediate values: auto (median for
                                    search spaces, none for grids), none, median, percentile, hyperband
   sweep.intermediate_evals=auto    evaluations before a trial's last step: auto (only when a pruner
@@ -580,11 +582,25 @@ Rerunning the same command resumes the study. Several workers may run the same c
 """
 
 
+def prepare_shared_stages(sweep: Sweep) -> None:
+    """Train the stages every trial shares (today: the tokenizer) once, with all the cores, before
+    several workers start: otherwise one worker trains it on one core while the others wait for it."""
+    first = sweep.spec.points_to_validate()[0]
+    cfg = compose([*sweep.spec.trial_overrides(first), *sweep.base_overrides])
+    if "tokenizer" not in cfg.get("model", {}) or cfg.tokenizer.get("ckpt"):
+        return
+    log = sweep.sweep_dir / "stages.log"
+    print(f"shared stages first (the tokenizer, all cores; cached after the first sweep; log {log})", flush=True)
+    args = [sys.executable, "-m", "lightning_mim.train", "--stages-only", *sweep.spec.trial_overrides(first), *sweep.base_overrides]
+    _run_process(args, log, dict(os.environ))
+
+
 def start_local_workers(sweep: Sweep, argv: Sequence[str], jobs: int) -> list[subprocess.Popen]:
     """`sweep.jobs=N`: N-1 more workers of this same sweep on this machine (the multi-worker path of a
     cluster, on one host), so N trials train at once. The study and the MLflow parent run are created
     first, so the workers do not race for them. Unless OMP_NUM_THREADS is set, the cores are shared out:
-    tiny models use one core far better than two, so N one-thread trials beat one N-thread trial."""
+    tiny models use one core better than two (digits MaskGIT: two one-core trials train 1.25x faster than
+    one two-core trial), so N trials at cores/N threads beat one trial on all the cores."""
     sweep.prepare()
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     args = [sys.executable, "-m", "lightning_mim.sweep", *(a for a in argv if not a.startswith("sweep.jobs=")), "sweep.jobs=1"]
@@ -618,6 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workers: list[subprocess.Popen] = []
     try:
         if spec.jobs > 1:
+            prepare_shared_stages(sweep)
             workers = start_local_workers(sweep, argv, spec.jobs)
         trials = sweep.run()
         if workers:

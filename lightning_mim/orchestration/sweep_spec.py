@@ -41,7 +41,7 @@ class SweepSpec:
     inference_only: list[str] = field(default_factory=lambda: list(DEFAULT_INFERENCE_ONLY))
     storage: str | None = None
     retries: int = 1
-    jobs: int = 1  # worker processes this command starts on this machine (each runs whole trials)
+    jobs: int | None = None  # worker processes on this machine (each runs whole trials); None: the preset's `sweep_jobs`
     pruner: str = "auto"  # auto: median for search spaces, none for grids (an ablation grid wants every point)
     # Evaluations before the last step: "auto" keeps them only when a pruner reads them (a grid's trial
     # is judged by its final evaluation; skipping the others changes no number: evaluations fork the RNG).
@@ -77,6 +77,14 @@ class SweepSpec:
         self.seeds = int(preset_default) if self.is_grid and not self.has_seed_override() else 1
         if self.seeds < 1:
             raise ConfigError(f"sweep_seeds={preset_default}: must be >= 1")
+
+    def resolve_jobs(self, preset_default: int) -> None:
+        """Settle how many trials run at once here: `sweep.jobs=N` if given, else the preset's `sweep_jobs`
+        (2 for the tiny digits presets, 1 elsewhere), never more than the trials there are."""
+        if self.jobs is None:
+            self.jobs = max(1, int(preset_default))
+            if self.is_grid:
+                self.jobs = min(self.jobs, max(1, len(self.grid_points())))
 
     def grid_space(self) -> dict[str, list[str]]:
         space = dict(self.grid)

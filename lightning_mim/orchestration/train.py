@@ -156,6 +156,7 @@ def _print_help() -> None:
         "  python -m lightning_mim.train schedule=sqrt decode.steps=12 trainer.max_steps=200",
         "  python -m lightning_mim.train run_name=myrun ckpt_path=last     # resume a killed run",
         "  --cfg   print the composed config and exit",
+        "  --stages-only   train (or find) the earlier stages the run needs, e.g. its tokenizer, and exit",
     ]
     print("\n".join(lines))
 
@@ -166,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_help()
         return 0
     show_cfg = "--cfg" in argv
-    overrides = [a for a in argv if a != "--cfg"]
+    stages_only = "--stages-only" in argv
+    overrides = [a for a in argv if a not in ("--cfg", "--stages-only")]
     try:
         cfg = compose(overrides)
         if not show_cfg:
@@ -175,6 +177,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report_config_error(err)
     if show_cfg:
         print(OmegaConf.to_yaml(cfg))
+        return 0
+    if stages_only:  # what a sweep with several workers does first, with all the cores
+        absolutize_paths(cfg)
+        filter_known_noise()
+        prepare_stage_inputs(cfg, run)
+        print(json.dumps({"tokenizer.ckpt": cfg.tokenizer.get("ckpt") if "tokenizer" in cfg else None}))
         return 0
     result = run(cfg)
     print(json.dumps(result["metrics"], indent=2, sort_keys=True))
