@@ -1,0 +1,85 @@
+"""A run killed by SIGKILL and resumed with `ckpt_path=last` ends exactly where the uninterrupted run
+ends: same step, same weights, same metrics (same machine, same threads)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_mim.data.pipeline import FixedBatches
+from conftest import run_module
+
+pytestmark = pytest.mark.slow
+
+TESTS = Path(__file__).parent
+# 2.4 epochs of 5 batches, a checkpoint after every step; the loss, masks and dropout all draw randomness
+BUDGET = ["trainer.max_steps=12", "data.batches_per_epoch=5", "checkpoint_every_n_steps=1", "logger=csv",
+          "transformer.dropout=0.1", "trainer.limit_val_batches=1", "callbacks.pictures=null"]
+
+
+def _final(home: Path, run_name: str) -> tuple[dict, dict]:
+    out = home / "runs" / run_name
+    result = json.loads((out / "result.json").read_text())
+    state = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    return result, state
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_stage2_overrides, tmp_path_factory):
+    home = tmp_path_factory.mktemp("resume-home")
+    run_module("lightning_mim.train", [*tiny_stage2_overrides, *BUDGET, "run_name=full"], home)
+    return home, _final(home, "full")
+
+
+@pytest.mark.parametrize("kill_after", [6, 8], ids=["at-an-epoch-boundary", "mid-epoch"])
+def test_sigkill_then_resume_equals_the_uninterrupted_run(uninterrupted, tiny_stage2_overrides, kill_after):
+    home, (full_result, full_state) = uninterrupted
+    name = f"killed-{kill_after}"
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    killed = run_module("lightning_mim.train", [*tiny_stage2_overrides, *BUDGET, f"run_name={name}",
+                        "+callbacks.killer._target_=_killer.KillAtStep", f"+callbacks.killer.step={kill_after}"],
+                        home, env=env, check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL: no clean-up ran
+    saved = torch.load(home / "runs" / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == kill_after - 1  # the step it died in was never saved
+    run_module("lightning_mim.train", [*tiny_stage2_overrides, *BUDGET, f"run_name={name}", "ckpt_path=last"], home)
+    result, state = _final(home, name)
+    assert result["global_step"] == full_result["global_step"] == 12
+    for key, value in full_state["state_dict"].items():
+        assert torch.equal(state["state_dict"][key], value), key
+    for key in ("val/loss", "val/fid_domain", "val/cas"):
+        assert result["metrics"][key] == full_result["metrics"][key], key
+
+
+def test_fixed_batches_resume_replays_the_epoch_from_the_batch():
+    """The loader alone: epoch e from batch b equals the uninterrupted pass's batches b.. of epoch e."""
+
+    class Stream:
+        """An endless stream whose content depends on the epoch counter, like the seeded shard pipeline."""
+
+        def __init__(self, epoch):
+            self.epoch = epoch
+            self.generator = torch.Generator().manual_seed(3)
+
+        def __iter__(self):
+            base = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator)) % 1000
+            return iter([(self.epoch.value, base, i) for i in range(100)])
+
+    from lightning_mim.data.pipeline import _Epoch
+
+    def loader():
+        epoch = _Epoch()
+        return FixedBatches(Stream(epoch), 4, epoch)
+
+    full = loader()
+    passes = [list(full) for _ in range(3)]
+    resumed = loader()
+    resumed.resume(epoch=1, batches_done=3)
+    assert list(resumed) == passes[1][3:]
+    assert list(resumed) == passes[2]
+    with pytest.raises(ValueError, match="cannot resume"):
+        resumed.resume(epoch=0, batches_done=5)
