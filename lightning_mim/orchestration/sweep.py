@@ -34,6 +34,7 @@ from optuna.trial import TrialState
 
 from lightning_mim.orchestration.config import ConfigError, absolutize_paths, compose, report_config_error
 from lightning_mim.locks import file_lock, pid_alive
+from lightning_mim.orchestration.launchers import SubmititOptions, TrialFailed, failure, job_resources, run_submitit
 from lightning_mim.orchestration.progress import SweepClock, describe, format_duration
 from lightning_mim.orchestration.protocol import PROGRESS_FILE, TrialContext, read_progress, read_result, result_path
 from lightning_mim.orchestration.pruning import build_pruner, rdb_storage
@@ -83,10 +84,6 @@ class _AskTellGridSampler(optuna.samplers.GridSampler):
         return None
 
 
-class TrialFailed(RuntimeError):
-    """A trial's process exited with an error; the message carries the tail of its log."""
-
-
 # -- process management ---------------------------------------------------------------------------
 def _die_with_parent() -> None:
     """Child processes are killed when the sweep driver dies (Linux), so no orphan keeps training."""
@@ -117,8 +114,7 @@ def _run_process(args: list[str], log_path: Path, env: dict[str, str], while_wai
             proc.wait()
             raise
     if code != 0:
-        tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
-        raise TrialFailed(f"exit code {code}; last lines of {log_path}:\n" + "\n".join(tail))
+        raise failure(code, log_path)
 
 
 def final_evaluation_only(cfg: DictConfig) -> list[str]:
@@ -332,8 +328,8 @@ class Sweep:
                     f"run_name='{run_name}'", f"paths.output_dir={stage_dir}", "ckpt_path=last"]
             pruning = dict(storage=self.storage_url, study=self.study_name, trial_id=trial._trial_id,
                            monitor=self.spec.objective, pruner=self.spec.effective_pruner())
-            env = {**os.environ, **dataclasses.replace(context, pruning=pruning).environment()}
-            _run_process(args, trial_dir / "train.log", env, self._refresh_console)
+            env = dataclasses.replace(context, pruning=pruning).environment()
+            self._launch(args, trial_dir / "train.log", env, train_cfg)
             result = read_result(result_path(stage_dir))
             if result.get("pruned_at_step") is not None:
                 raise optuna.TrialPruned(f"pruned at step {result['pruned_at_step']}")
@@ -346,9 +342,18 @@ class Sweep:
         result_file = result_path(trial_dir)
         args = [sys.executable, "-m", "lightning_mim.evaluate", f"ckpt={trained['checkpoint']}", *overrides,
                 f"run_name='{run_name}'", f"paths.output_dir={trial_dir}", f"result_file={result_file}"]
-        _run_process(args, trial_dir / "evaluate.log", {**os.environ, **context.environment()}, self._refresh_console)
+        self._launch(args, trial_dir / "evaluate.log", context.environment(), train_cfg)
         evaluated = read_result(result_file)
         return {**trained["metrics"], **evaluated["metrics"]}, trained["checkpoint"]
+
+    def _launch(self, args: list[str], log_path: Path, env: dict[str, str], cfg: DictConfig) -> None:
+        """Run a trial's command where `sweep.launcher` says: a child process here, or a submitit job
+        (resources from the trial's config, `orchestration.launchers`)."""
+        if self.spec.launcher == "submitit":
+            options = SubmititOptions(**self.spec.submitit_options())
+            run_submitit(args, log_path, env, options, job_resources(cfg), self._refresh_console)
+        else:
+            _run_process(args, log_path, {**os.environ, **env}, self._refresh_console)
 
     def _record_failed_run(self, run_name, parent_run_id, tags, params, error: str) -> None:
         """Make sure MLflow shows the failed trial as FAILED with its error, whatever state it died in."""
@@ -574,6 +579,9 @@ HELP = """usage: python -m lightning_mim.sweep [sweep=NAME] [AXIS=a,b,c ...] [KE
   sweep.intermediate_evals=auto    evaluations before a trial's last step: auto (only when a pruner
                                    reads them), true, false; the final evaluation always runs
   sweep.inference_only=decode.     axes that reuse one trained checkpoint (default: decode.*)
+  sweep.launcher=submitit          run each trial as a SLURM job through submitit (default: local processes);
+                                   sweep.submitit.cluster=local|slurm|auto, sweep.submitit.KEY=VALUE for
+                                   AutoExecutor.update_parameters (timeout_min, slurm_partition, mem_gb, ...)
   sweep.storage=URL                Optuna RDB storage (default sqlite:///<paths.home>/optuna.db;
                                    postgresql://... for workers on several nodes)
 
@@ -587,8 +595,8 @@ def prepare_shared_stages(sweep: Sweep) -> None:
     several workers start: otherwise one worker trains it on one core while the others wait for it."""
     first = sweep.spec.points_to_validate()[0]
     cfg = compose([*sweep.spec.trial_overrides(first), *sweep.base_overrides])
-    if "tokenizer" not in cfg.get("model", {}) or cfg.tokenizer.get("ckpt"):
-        return
+    if "tokenizer" not in cfg.get("model", {}) or cfg.tokenizer.get("ckpt") or sweep.spec.launcher != "local":
+        return  # nothing to train, or trials run as jobs elsewhere (not on the submitting node)
     log = sweep.sweep_dir / "stages.log"
     print(f"shared stages first (the tokenizer, all cores; cached after the first sweep; log {log})", flush=True)
     args = [sys.executable, "-m", "lightning_mim.train", "--stages-only", *sweep.spec.trial_overrides(first), *sweep.base_overrides]

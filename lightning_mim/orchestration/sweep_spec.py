@@ -21,6 +21,7 @@ import yaml
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
 
 from lightning_mim.orchestration.config import ConfigError, parse_overrides, sweeps_dir
+from lightning_mim.orchestration.launchers import LAUNCHERS
 from lightning_mim.orchestration.pruning import PRUNERS
 
 DIRECTIONS = ("minimize", "maximize")
@@ -46,12 +47,19 @@ class SweepSpec:
     # Evaluations before the last step: "auto" keeps them only when a pruner reads them (a grid's trial
     # is judged by its final evaluation; skipping the others changes no number: evaluations fork the RNG).
     intermediate_evals: str = "auto"
+    launcher: str = "local"  # local: child processes of this driver | submitit: one job per trial
+    submitit: dict[str, Any] = field(default_factory=dict)  # sweep.submitit.KEY=VALUE (cluster, timeout_min, ...)
     description: str = ""
 
     def effective_pruner(self) -> str:
         if self.pruner == "auto":
             return "none" if self.is_grid else "median"
         return self.pruner
+
+    def submitit_options(self) -> dict[str, Any]:
+        """{cluster, parameters} for `launchers.SubmititOptions`."""
+        options = dict(self.submitit)
+        return {"cluster": str(options.pop("cluster", "auto")), "parameters": options}
 
     def keeps_intermediate_evals(self) -> bool:
         if self.intermediate_evals == "auto":
@@ -189,10 +197,20 @@ def _apply_option(spec: SweepSpec, key: str, value: Any) -> None:
         if value not in INTERMEDIATE_EVALS:
             raise ConfigError(f"unknown sweep.intermediate_evals '{value}'; valid: {', '.join(INTERMEDIATE_EVALS)}")
         spec.intermediate_evals = value
+    elif key == "launcher":
+        if value not in LAUNCHERS:
+            raise ConfigError(f"unknown sweep.launcher '{value}'; valid: {', '.join(LAUNCHERS)}")
+        spec.launcher = str(value)
+    elif key.startswith("submitit."):
+        name = key.split(".", 1)[1]
+        if name == "cluster" and value not in ("auto", "local", "slurm", "debug"):
+            raise ConfigError(f"unknown sweep.submitit.cluster '{value}'; valid: auto, local, slurm, debug")
+        spec.submitit[name] = value
     elif key == "inference_only":
         spec.inference_only = [str(v) for v in (value if isinstance(value, list) else str(value).split(","))]
     else:
-        valid = "objective, direction, n_trials, seeds, retries, jobs, pruner, intermediate_evals, inference_only, storage, name"
+        valid = ("objective, direction, n_trials, seeds, retries, jobs, pruner, intermediate_evals, inference_only, "
+                 "launcher, submitit.KEY, storage, name")
         raise ConfigError(f"unknown sweep option '{key}'; valid: {valid}")
 
 
