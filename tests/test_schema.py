@@ -16,7 +16,7 @@ MALFORMED = [
     (["decode.steps=-3"], "decode.steps=-3", "must be >= 1"),
     (["decode.steps=2.5"], "decode.steps=2.5", "must be an integer"),
     (["decode.choice_temperature=-1"], "decode.choice_temperature=-1", "must be >= 0"),
-    (["decode.temperature=0"], "decode.temperature=0", "must be > 0"),
+    (["decode.temperature=-1"], "decode.temperature=-1", "must be >= 0"),
     (["decode.guidance_ramp=cubic"], "decode.guidance_ramp=cubic", "'constant' or 'linear'"),
     (["model.optim.lr=-1"], "model.optim.lr=-1", "must be > 0"),
     (["model.optim.lr="], "model.optim.lr=''", "must be a number"),

@@ -189,15 +189,23 @@ def draw_axis_figure(study: Study, points: Sequence[PointSummary], axis: str, pa
 
 
 # -- the points' samples, side by side ---------------------------------------------------------------------
+def _inference_only(study: Study, key: str) -> bool:
+    prefixes = study.spec.get("inference_only") or ["decode."]
+    return any(key == p or (p.endswith(".") and key.startswith(p)) or key == p.rstrip(".") for p in prefixes)
+
+
 def sample_grids(study: Study) -> dict[str, Path]:
-    """{point label: the last class-grid picture its model drew}, one per trained grid point (seed 0)."""
+    """{trained point: the last class-grid picture its model drew}, one per trained model of seed 0.
+    Inference-only axes (`decode.*`) are not part of the label: the pictures were drawn during training,
+    with the training run's decode settings."""
     found: dict[str, Path] = {}
     for trial in study.trials:
         checkpoint = trial.user_attrs.get("checkpoint")
         if trial.state.name != "COMPLETE" or not checkpoint or str(trial.params.get(SEED_KEY, "0")) != "0":
             continue
         pictures = sorted((Path(checkpoint).parents[1] / "pictures" / "class_grid").glob("step_*.png"))
-        label = " ".join(f"{k}={v}" for k, v in sorted(trial.params.items()) if k != SEED_KEY) or "all"
+        trained = {k: v for k, v in sorted(trial.params.items()) if k != SEED_KEY and not _inference_only(study, k)}
+        label = " ".join(f"{k}={v}" for k, v in trained.items()) or "all"
         if pictures:
             found.setdefault(label, pictures[-1])
     return dict(sorted(found.items()))

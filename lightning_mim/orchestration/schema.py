@@ -36,7 +36,7 @@ def probability(default: Any = ...) -> Any:
 class Decode(_Section):
     steps: int = Field(ge=1)
     choice_temperature: float = Field(ge=0.0)
-    temperature: float = Field(gt=0.0)
+    temperature: float = Field(ge=0.0)  # 0 = argmax (decoding.DecodeSettings)
     guidance_scale: float = Field(ge=0.0)
     guidance_ramp: Literal["constant", "linear"]
     schedule: str

@@ -56,6 +56,7 @@ from lightning_mim.statistics import ALPHA
 HEARTBEAT_SECONDS = 30
 
 
+HELPER_FLAG = "--helper-worker"  # what `sweep.jobs=N` adds to the workers it starts
 COMPARE_TAG = "lightning_mim.compare_url"  # on the parent run: MLflow's compare view of the finished children
 POLL_SECONDS = 1.0  # how often the console reads the running trials' progress files
 PROGRESS_STALE_S = 120  # a progress file untouched this long belongs to a trial that is gone
@@ -382,7 +383,9 @@ class Sweep:
         self.parent_run_id(study)
         return study
 
-    def run(self) -> list[optuna.trial.FrozenTrial]:
+    def run(self, finish: bool = True) -> list[optuna.trial.FrozenTrial]:
+        """Run trials until the study is done; with `finish`, then write the parent run's aggregates
+        (a `sweep.jobs` helper worker leaves that to the command that started it)."""
         study = self.study()
         self.recover(study)
         todo = self.remaining(study)
@@ -391,7 +394,7 @@ class Sweep:
         print(f"sweep {self.study_name}: {total} trials in all, {todo} to run (storage {self.storage_url})")
         if todo > 0:
             self._optimize(study, todo, total, parent)
-        if parent:
+        if parent and finish:
             self._finish_parent(study, parent)
         return study.get_trials(deepcopy=False)
 
@@ -611,7 +614,8 @@ def start_local_workers(sweep: Sweep, argv: Sequence[str], jobs: int) -> list[su
     one two-core trial), so N trials at cores/N threads beat one trial on all the cores."""
     sweep.prepare()
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-    args = [sys.executable, "-m", "lightning_mim.sweep", *(a for a in argv if not a.startswith("sweep.jobs=")), "sweep.jobs=1"]
+    args = [sys.executable, "-m", "lightning_mim.sweep", *(a for a in argv if not a.startswith("sweep.jobs=")), "sweep.jobs=1",
+            HELPER_FLAG]
     workers = []
     for index in range(1, jobs):
         with open(sweep.sweep_dir / f"worker-{index}.log", "ab") as log:
@@ -628,7 +632,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
     warnings.filterwarnings("ignore", message=".*is experimental.*")
     prepare_only = "--prepare-only" in argv
-    argv = [a for a in argv if a != "--prepare-only"]
+    helper = HELPER_FLAG in argv  # started by `sweep.jobs=N`: runs trials, leaves the summary to its starter
+    argv = [a for a in argv if a not in ("--prepare-only", HELPER_FLAG)]
     try:
         spec = parse(argv)
         sweep = Sweep(spec)
@@ -644,12 +649,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if spec.jobs > 1:
             prepare_shared_stages(sweep)
             workers = start_local_workers(sweep, argv, spec.jobs)
-        trials = sweep.run()
+        trials = sweep.run(finish=not (helper or workers))
+        if helper:
+            return 0
         if workers:
             print(f"waiting for {len(workers)} more worker(s) to finish their trials (logs: {sweep.sweep_dir}/worker-*.log)")
             for worker in workers:
                 worker.wait()
-            trials = sweep.study().get_trials(deepcopy=False)
+            study = sweep.study()
+            parent = sweep.parent_run_id(study)
+            if parent:  # the helpers' trials are in now: the parent run's aggregates cover every trial
+                sweep._finish_parent(study, parent)
+            trials = study.get_trials(deepcopy=False)
     except KeyboardInterrupt:
         for worker in workers:
             worker.send_signal(signal.SIGINT)
