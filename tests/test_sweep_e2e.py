@@ -83,6 +83,9 @@ def test_grid_sweep_gives_complete_trials_and_nested_mlflow_runs(grid_sweep):
     assert differing == {"seed", "schedule.name", "choices.schedule"}, differing
     assert all(not v.startswith("/") for r in children for v in r.data.params.values())  # paths are tags
     assert all(r.data.tags["path.callbacks.pictures.out_dir"].startswith(str(home)) for r in children)
+    # the objective is every child's first metric (MLflow's compare view plots the first shared metric)
+    assert all(sorted(r.data.metrics)[0] == "objective/val/fid_domain" for r in children)
+    assert all(r.data.metrics["objective/val/fid_domain"] == r.data.metrics["val/fid_domain"] for r in children)
 
 
 def test_the_sweep_writes_its_report_and_logs_it_to_the_parent_run(grid_sweep):

@@ -24,7 +24,7 @@ from lightning_mim.orchestration.config import ConfigError, compose, config_grou
 from lightning_mim.orchestration.noise import filter_known_noise
 from lightning_mim.orchestration.protocol import TrialContext, write_progress, write_result
 from lightning_mim.orchestration.schema import check_config
-from lightning_mim.orchestration.tracking import ensure_experiment, environment_tags, run_params
+from lightning_mim.orchestration.tracking import alias_keys, ensure_experiment, environment_tags, run_params
 
 
 def base_config(ckpt: Path) -> DictConfig:
@@ -81,7 +81,11 @@ def _log_to_mlflow(cfg: DictConfig, metrics: dict[str, float], run_name: str, tr
     if trial.parent_run_id:
         tags["mlflow.parentRunId"] = trial.parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    items = [(k, str(v)[:250]) for k, v in run_params(cfg).items()]
+    try:  # the saved config is resolved: its aliases come from composing the run's overrides again
+        aliases = alias_keys(compose(list(cfg.get("overrides") or [])))
+    except ConfigError:
+        aliases = set()
+    items = [(k, str(v)[:250]) for k, v in run_params(cfg, aliases).items()]
     for start in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[start : start + 100]])
     client.log_batch(run.info.run_id, metrics=[Metric(f"val/{k}", v, 0, 0) for k, v in metrics.items()])

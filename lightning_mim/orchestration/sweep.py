@@ -129,6 +129,11 @@ def final_evaluation_only(cfg: DictConfig) -> list[str]:
     return out
 
 
+def objective_metric(objective: str) -> str:
+    """`val/fid_domain` -> `objective/val/fid_domain` (sorts before `train/...` and `val/...`)."""
+    return f"objective/{objective}"
+
+
 def point_name(params: dict[str, Any]) -> str:
     """A grid point as people write it: `schedule=cosine seed=1` (the seed last)."""
     def shown(value: Any) -> str:
@@ -301,7 +306,21 @@ class Sweep:
         value = metrics[self.spec.objective]
         if value != value:  # NaN
             raise TrialFailed(f"objective '{self.spec.objective}' is NaN")
+        self._log_objective(trial.number, value)
         return value
+
+    def _log_objective(self, number: int, value: float) -> None:
+        """The objective as the child run's first metric, `objective/<name>`: MLflow's compare view
+        plots the first metric the runs share (in name order), which would otherwise be `train/loss`."""
+        if not self.tracking_uri:
+            return
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        query = f"tags.`lightning_mim.study` = '{self.study_name}' and tags.`optuna.trial_number` = '{number}'"
+        for run in client.search_runs([self.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],
+                                      max_results=1):
+            client.log_metric(run.info.run_id, objective_metric(self.spec.objective), float(value))
 
     def _suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         if self.spec.is_grid:

@@ -114,13 +114,14 @@ def _is_path(value: Any) -> bool:
     return isinstance(value, str) and (value.startswith("/") or value.startswith("~"))
 
 
-def run_params_and_path_tags(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, str]]:
+def run_params_and_path_tags(cfg: DictConfig, aliases: set[str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """(params, tags) of a run. Params: every resolved key of `cfg` that says what the run computes,
     flat (`schedule.name`, `decode.steps`, `choices.ratio`), without the bookkeeping keys and without
     aliases (`alias_keys`), so in MLflow's compare view the params that differ between a sweep's
     children are its axes. Tags `path.<key>`: file-system locations (output, cache, checkpoint
-    files), which differ from run to run without changing what is computed."""
-    aliases = alias_keys(cfg)
+    files), which differ from run to run without changing what is computed. `aliases`: for a config
+    that was saved resolved, the alias keys of its composition (`alias_keys(compose(cfg.overrides))`)."""
+    aliases = alias_keys(cfg) if aliases is None else aliases  # a resolved config (config.yaml) has none left
     params, tags = {}, {}
     for key, value in flatten(cfg).items():
         if key.startswith(BOOKKEEPING_KEYS) or any(key == a or key.startswith(a + ".") for a in aliases):
@@ -132,15 +133,16 @@ def run_params_and_path_tags(cfg: DictConfig) -> tuple[dict[str, Any], dict[str,
     return params, tags
 
 
-def run_params(cfg: DictConfig) -> dict[str, Any]:
+def run_params(cfg: DictConfig, aliases: set[str] | None = None) -> dict[str, Any]:
     """The MLflow params of a training run and of an evaluation run alike (see `run_params_and_path_tags`)."""
-    return run_params_and_path_tags(cfg)[0]
+    return run_params_and_path_tags(cfg, aliases)[0]
 
 
-def log_run_config(logger, cfg: DictConfig, config_file: Path) -> None:
-    """The run's params and path tags (`run_params_and_path_tags`) on a Lightning logger, and its
-    config YAML as an artifact."""
-    params, tags = run_params_and_path_tags(cfg)
+def log_run_config(logger, params_and_tags: tuple[dict[str, Any], dict[str, str]], config_file: Path) -> None:
+    """The run's params and path tags (`run_params_and_path_tags`, taken before the run instantiates
+    anything: Hydra's `instantiate` resolves interpolations in place inside interpolated sections) on
+    a Lightning logger, and its config YAML as an artifact."""
+    params, tags = params_and_tags
     logger.log_hyperparams(params)
     if hasattr(logger, "experiment") and hasattr(logger, "run_id"):
         for key, value in tags.items():

@@ -26,7 +26,7 @@ from lightning_mim.orchestration.progress import TrialProgress
 from lightning_mim.orchestration.protocol import TrialContext, result_path, write_progress, write_result
 from lightning_mim.orchestration.schema import check_config
 from lightning_mim.orchestration.stages import prepare_stage_inputs
-from lightning_mim.orchestration.tracking import log_run_config, mlflow_logger
+from lightning_mim.orchestration.tracking import log_run_config, mlflow_logger, run_params_and_path_tags
 
 RUN_NAME_ENV = "LIGHTNING_MIM_RUN_NAME"  # DDP relaunches: every rank resolves the first process's run name
 
@@ -48,6 +48,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     write_progress(trial.progress_file, "set-up" if phase == "training" else phase)
     prepare_stage_inputs(cfg, run)  # e.g. trains (or reuses) the tokenizer a stage-2 model needs
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+    params_and_tags = run_params_and_path_tags(cfg)  # before instantiate() resolves interpolations in place
 
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = instantiate(cfg.data, _convert_="all")
@@ -72,7 +73,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # MAE/MAGE's `seed + rank`: without it every rank draws the same masks, dropout and views
         trainer.callbacks.append(PerRankSeed(int(cfg.seed)))
     if logger is not None:
-        log_run_config(logger, cfg, output_dir / "config.yaml")
+        log_run_config(logger, params_and_tags, output_dir / "config.yaml")
     trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg, checkpoint_cb))
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
