@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_mim.callbacks import ExactResume, PerRankSeed, StepBudgetProgressBar
+from lightning_mim.callbacks import PerRankSeed, StepBudgetProgressBar
 from lightning_mim.orchestration import pruning_callback
 from lightning_mim.orchestration.noise import filter_known_noise
 from lightning_mim.orchestration.config import ConfigError, absolutize_paths, compose, config_groups, group_options, report_config_error
@@ -54,7 +54,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data, _convert_="all")
     model = instantiate(cfg.model, _recursive_=False, _convert_="all")
     checkpoint_cb = _checkpoint_callback(cfg, output_dir)
-    callbacks = [checkpoint_cb, ExactResume(), *_instantiate_callbacks(cfg)]  # resume = the uninterrupted run
+    callbacks = [checkpoint_cb, *_instantiate_callbacks(cfg)]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepBudgetProgressBar())  # "Epoch 11 · step 450/600", not Lightning's "Epoch 11/-2"
     if trial.progress_file:  # a sweep's console follows this trial
