@@ -130,7 +130,7 @@ def final_evaluation_only(cfg: DictConfig) -> list[str]:
 
 
 def objective_metric(objective: str) -> str:
-    """`val/fid_domain` -> `objective/val/fid_domain` (sorts before `train/...` and `val/...`)."""
+    """`val/fid_domain` -> `objective/val/fid_domain`."""
     return f"objective/{objective}"
 
 
@@ -310,8 +310,10 @@ class Sweep:
         return value
 
     def _log_objective(self, number: int, value: float) -> None:
-        """The objective as the child run's first metric, `objective/<name>`: MLflow's compare view
-        plots the first metric the runs share (in name order), which would otherwise be `train/loss`."""
+        """The objective again as `objective/<name>` on the child run: one name to pick in MLflow's
+        compare view and runs table, whatever the sweep optimises. (The compare view starts on the
+        first metric the runs share in the store's order, `train/loss`; making this one that first
+        metric is still open.)"""
         if not self.tracking_uri:
             return
         from mlflow.tracking import MlflowClient
