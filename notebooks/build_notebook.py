@@ -89,7 +89,7 @@ CELLS = [
         "for name in SCHEDULE_NAMES:\n"
         "    ax.plot(r, gamma(name, r, n_tokens=256), label=name)\n"
         "ax.set_xlabel('r'); ax.set_ylabel('mask ratio γ(r)'); ax.legend(fontsize=8)\n"
-        "fig.tight_layout(); fig.savefig(figures / 'schedules.png', dpi=120)"
+        "fig.tight_layout(); display(fig)  # shown, not written: the report directory holds the sweep's files only"
     ),
 ]
 
