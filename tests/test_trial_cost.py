@@ -14,24 +14,16 @@ from lightning_mim.modules.token_memo import TokenMemo
 from lightning_mim.orchestration.config import compose
 from lightning_mim.orchestration.sweep import final_evaluation_only
 from lightning_mim.orchestration.sweep_spec import parse
-from _decode import decode_config
+from test_maskgit_module import TINY_TRANSFORMER, make
 from _fakes import SyntheticImageDataModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
-TINY_VQGAN = dict(base_channels=8, channel_multipliers=[1, 2], num_res_blocks=1, codebook_size=16, code_dim=8, norm_groups=4)
 
 
 def _module() -> MaskGITModule:
-    return MaskGITModule(
-        transformer=dict(width=32, depth=1, heads=2, mlp_dim=64, dropout=0.1, attn_dropout=0.1),
-        tokenizer={"arch": TINY_VQGAN, "ckpt": None},
-        ratio={"_target_": "lightning_mim.masking.ScheduleRatio", "schedule": "cosine", "n_tokens": None},
-        decode=decode_config(steps=4, choice_temperature=4.5, schedule="cosine"),
-        optim={"lr": 1e-2, "warmup_steps": 0},
-        num_classes=4,
-        image_size=16,
-    )
+    """test_maskgit_module's tiny MaskGIT, on 16 px images of 4 classes, with dropout (a random draw per step)."""
+    return make(transformer={**TINY_TRANSFORMER, "dropout": 0.1, "attn_dropout": 0.1}, num_classes=4, image_size=16)
 
 
 class CountingEncoder:

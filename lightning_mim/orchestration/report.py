@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import optuna
 import yaml
 
+from lightning_mim.orchestration.sweep_spec import DEFAULT_INFERENCE_ONLY, SweepSpec
 from lightning_mim.orchestration.summary import (
     REPORTED_METRICS,
     SEED_KEY,
@@ -190,8 +191,8 @@ def draw_axis_figure(study: Study, points: Sequence[PointSummary], axis: str, pa
 
 # -- the points' samples, side by side ---------------------------------------------------------------------
 def _inference_only(study: Study, key: str) -> bool:
-    prefixes = study.spec.get("inference_only") or ["decode."]
-    return any(key == p or (p.endswith(".") and key.startswith(p)) or key == p.rstrip(".") for p in prefixes)
+    spec = SweepSpec(inference_only=list(study.spec.get("inference_only") or DEFAULT_INFERENCE_ONLY))
+    return spec.is_inference_only(key)
 
 
 def sample_grids(study: Study) -> dict[str, Path]:

@@ -236,6 +236,11 @@ class Sweep:
                 if key not in taken and count <= self.spec.retries:
                     study.enqueue_trial(json.loads(key), user_attrs={"retry": count})
 
+    def _trial_runs(self, client, number: int | str, condition: str = "") -> list:
+        """The MLflow runs of this sweep's trial `number` (newest first), optionally further filtered."""
+        query = f"tags.`lightning_mim.study` = '{self.study_name}' and tags.`optuna.trial_number` = '{number}' {condition}"
+        return client.search_runs([self.experiment_id], filter_string=query.strip(), order_by=["attributes.start_time DESC"])
+
     def _end_dead_runs(self, numbers: list[int]) -> None:
         """End the MLflow runs of trials whose driver died (they would stay RUNNING for good): KILLED,
         with the reason as the `error` tag. The redone trial gets a run of its own."""
@@ -245,9 +250,7 @@ class Sweep:
 
         client = MlflowClient(tracking_uri=self.tracking_uri)
         for number in numbers:
-            query = (f"tags.`lightning_mim.study` = '{self.study_name}' and tags.`optuna.trial_number` = '{number}' "
-                     "and attributes.status = 'RUNNING'")
-            for run in client.search_runs([self.experiment_id], filter_string=query):
+            for run in self._trial_runs(client, number, "and attributes.status = 'RUNNING'"):
                 client.set_tag(run.info.run_id, "error", f"{DRIVER_DIED}: the trial is redone by the next run of the sweep")
                 client.set_terminated(run.info.run_id, status="KILLED")
 
@@ -319,9 +322,7 @@ class Sweep:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=self.tracking_uri)
-        query = f"tags.`lightning_mim.study` = '{self.study_name}' and tags.`optuna.trial_number` = '{number}'"
-        for run in client.search_runs([self.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],
-                                      max_results=1):
+        for run in self._trial_runs(client, number)[:1]:  # the newest: a redone trial's run, not the dead one
             client.log_metric(run.info.run_id, objective_metric(self.spec.objective), float(value))
 
     def _suggest(self, trial: optuna.Trial) -> dict[str, Any]:
@@ -384,8 +385,7 @@ class Sweep:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=self.tracking_uri)
-        query = f"tags.`lightning_mim.study` = '{self.study_name}' and tags.`optuna.trial_number` = '{tags['optuna.trial_number']}'"
-        runs = client.search_runs([self.experiment_id], filter_string=query)
+        runs = self._trial_runs(client, tags["optuna.trial_number"])
         if runs:
             run_id = runs[0].info.run_id
         else:
