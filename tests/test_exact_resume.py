@@ -1,13 +1,69 @@
-"""Building blocks of exact resume: the training loader continues an epoch from a batch as the
-uninterrupted pass would. (A killed-and-resumed run does not yet end with the uninterrupted run's
-weights: see issue 16's notes.)"""
+"""Exact resume: a run killed by SIGKILL and resumed with `ckpt_path=last` ends where the uninterrupted
+run ends (same step, weights and metrics; same machine and threads), and its building blocks."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import run_module
 
 from lightning_mim.data.pipeline import FixedBatches
+
+TESTS = Path(__file__).parent
+# 2.4 epochs of 5 batches, a checkpoint after every step; the loss, masks and dropout all draw randomness
+BUDGET = ["trainer.max_steps=12", "data.batches_per_epoch=5", "checkpoint_every_n_steps=1", "logger=csv",
+          "transformer.dropout=0.1", "callbacks.pictures=null"]
+
+
+def _final(home: Path, run_name: str) -> tuple[dict, dict]:
+    out = home / "runs" / run_name
+    result = json.loads((out / "result.json").read_text())
+    state = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    return result, state
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_stage2_overrides, tmp_path_factory):
+    """The uninterrupted run of a setting, trained once per setting: home -> (result, checkpoint)."""
+    done: dict[tuple[str, ...], tuple[Path, tuple[dict, dict]]] = {}
+
+    def run(extra: list[str]):
+        if tuple(extra) not in done:
+            home = tmp_path_factory.mktemp("resume-home")
+            run_module("lightning_mim.train", [*tiny_stage2_overrides, *BUDGET, *extra, "run_name=full"], home)
+            done[tuple(extra)] = home, _final(home, "full")
+        return done[tuple(extra)]
+
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("kill_after", "extra"),
+    [(5, []), (8, []), (8, ["data.train_augment.hflip=true"])],  # augmented: every sample's flip is seeded
+    ids=["at-an-epoch-boundary", "mid-epoch", "mid-epoch-augmented"],
+)
+def test_sigkill_then_resume_equals_the_uninterrupted_run(uninterrupted, tiny_stage2_overrides, kill_after, extra):
+    home, (full_result, full_state) = uninterrupted(extra)
+    name = f"killed-{kill_after}"
+    args = [*tiny_stage2_overrides, *BUDGET, *extra, f"run_name={name}"]
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    killed = run_module("lightning_mim.train", [*args, "+callbacks.killer._target_=_killer.KillAtStep",
+                        f"+callbacks.killer.step={kill_after}"], home, env=env, check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL: no clean-up ran
+    saved = torch.load(home / "runs" / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == kill_after - 1  # the step it died in was never saved
+    run_module("lightning_mim.train", [*args, "ckpt_path=last"], home)
+    result, state = _final(home, name)
+    assert result["global_step"] == full_result["global_step"] == 12
+    for key, value in full_state["state_dict"].items():
+        assert torch.equal(state["state_dict"][key], value), key
+    for key in ("val/loss", "val/fid_domain", "val/cas"):
+        assert result["metrics"][key] == full_result["metrics"][key], key
 
 
 def test_fixed_batches_resume_replays_the_epoch_from_the_batch():

@@ -86,6 +86,8 @@ def test_grid_sweep_gives_complete_trials_and_nested_mlflow_runs(grid_sweep):
     # the objective is set on every child under one name, whatever the sweep's objective is
     for run in children:  # (the trial's result holds the value as float32, MLflow's metric as a double)
         assert run.data.metrics["objective/val/fid_domain"] == pytest.approx(run.data.metrics["val/fid_domain"], rel=1e-6)
+        # ... and is the run's first metric, the one MLflow's compare view opens on
+        assert next(iter(run.data.metrics)) == "objective/val/fid_domain", list(run.data.metrics)
 
 
 def test_the_sweep_writes_its_report_and_logs_it_to_the_parent_run(grid_sweep):
@@ -266,6 +268,13 @@ def test_inference_only_axis_trains_once(tmp_path, tiny_stage2_overrides):
     assert len(train_logs) == 1 and len(eval_logs) == 2
     fids = {t.params["decode.steps"]: t.user_attrs["metrics"]["val/fid_domain"] for t in trials}
     assert len(set(fids.values())) == 3  # each T really evaluated
+    # the training run and the two evaluation runs all list the objective first, with its value
+    study, _ = _trials(home)
+    children = _child_runs(home, study.user_attrs["mlflow_parent_run_id"])
+    assert len(children) == 3
+    for run in children:
+        assert next(iter(run.data.metrics)) == "objective/val/fid_domain", list(run.data.metrics)
+        assert run.data.metrics["objective/val/fid_domain"] == pytest.approx(fids[run.data.params["decode.steps"]], rel=1e-6)
 
 
 def test_failing_trial_is_recorded_and_the_others_finish(tmp_path, tiny_stage2_overrides):

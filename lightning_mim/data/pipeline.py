@@ -7,9 +7,10 @@ ever unpickled (webdataset's `.decode()` would unpickle `.pyd`/`.pickle` entries
 
 Two loader shapes (docs/DEPENDENCIES.md, webdataset 1.0.2):
 - training: every rank and worker draws shards *with replacement* from the whole list (no node
-  splitting, `ResampledShards`), shuffles samples in a buffer, decodes, batches inside the worker;
+  splitting, `_ResampledShards`), shuffles samples in a buffer, decodes, batches inside the worker;
   `FixedBatches` then yields exactly `batches_per_epoch` batches per epoch on every rank, so DDP ranks
-  stay in step and never hang at the end of an epoch. Seeds differ per (seed, rank, worker, epoch).
+  stay in step and never hang at the end of an epoch. Every draw (shards, shuffle, each sample's
+  augmentation) is seeded by (seed, rank, worker, epoch) alone, so a resumed run replays an epoch.
 - evaluation: an exact, finite pass: shards split by rank, then by worker (each shard read by exactly
   one (rank, worker)), no shuffling, partial last batches; the same order on every pass. A rank with
   fewer shards yields fewer batches: give val sets a shard count divisible by world_size × workers.
@@ -159,6 +160,11 @@ class ImageTransform:
         self.flip = v2.RandomHorizontalFlip(0.5) if options["hflip"] else None
         self.options = options
 
+    @property
+    def is_random(self) -> bool:
+        """Whether the transform draws random numbers (a random crop or flip)."""
+        return self.crop is not None or self.flip is not None
+
     def __call__(self, image: Image.Image) -> Tensor:
         return self.to_uint8(image).float().div_(255.0)
 
@@ -188,7 +194,12 @@ class _ImageMap:
 
     def __call__(self, sample: dict) -> tuple[Tensor, int]:
         image, label, _ = decode_image_sample(sample)
-        out = self.transform.to_uint8(image), label
+        if self.transform.is_random and "__seed__" in sample:  # the training stream's own seed for this sample
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(int(sample["__seed__"]))
+                out = self.transform.to_uint8(image), label
+        else:
+            out = self.transform.to_uint8(image), label
         self.counter.success()
         return out
 
@@ -302,37 +313,70 @@ def _worker_id() -> int:
 
 
 class _Epoch:
-    """Epoch number set by the main process before each pass; worker copies made then inherit it."""
+    """The training pass (1 for the first) that a stage of the training pipeline is in.
+
+    The main process sets `value` before each pass (`FixedBatches`). A stage running in the main
+    process (`num_workers=0`) reads it as it is. A stage running in a worker reads the copy made when
+    the worker started: a fresh copy every pass, or, with persistent workers, the copy of their first
+    pass, after which the stage adds the passes it has made since. So every random draw of the
+    pipeline is a function of (seed, rank, worker, pass) alone, whatever the loader's settings, and a
+    resumed run (`FixedBatches.resume`) replays a pass by setting one number.
+    """
 
     def __init__(self) -> None:
         self.value = 0
 
+    def of_pass(self, passes_in_this_copy: int) -> int:
+        """The pass number, given how many passes the asking stage has begun in this copy (>= 1)."""
+        if passes_in_this_copy < 1:
+            raise ValueError(f"passes_in_this_copy must be >= 1, got {passes_in_this_copy}")
+        if torch.utils.data.get_worker_info() is None:
+            return self.value
+        return self.value + passes_in_this_copy - 1
 
-class _WorkerSeed:
-    """`worker_seed` for ResampledShards: distinct per (seed, rank, worker, epoch)."""
 
-    def __init__(self, seed: int, rank: int, epoch: _Epoch):
-        self.seed, self.rank, self.epoch = seed, rank, epoch
+class _ResampledShards(torch.utils.data.IterableDataset):
+    """Endless shard URLs drawn with replacement, seeded per (seed, rank, worker, pass).
 
-    def __call__(self) -> int:
-        return _seed(self.seed, self.rank, _worker_id(), self.epoch.value)
+    What webdataset's `ResampledShards` does, except for its seed: that one mixes in a pass counter
+    of its own, which a resumed run cannot set (a fresh process starts it at 0 while the interrupted
+    main-process loader had counted every epoch), so a resumed epoch would read other shards.
+    """
+
+    def __init__(self, urls: Sequence[str], seed: int, rank: int, epoch: _Epoch):
+        if not urls:
+            raise ValueError("no training shards to draw from")
+        super().__init__()
+        self.urls, self.seed, self.rank, self.epoch = list(urls), seed, rank, epoch
+        self._passes = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        self._passes += 1
+        rng = random.Random(_seed(self.seed, self.rank, _worker_id(), self.epoch.of_pass(self._passes), 0))
+        while True:
+            yield {"url": rng.choice(self.urls)}
 
 
 class _SeededShuffle:
-    """Sample shuffle buffer seeded per (seed, rank, worker, epoch, pass in this process)."""
+    """Sample shuffle buffer seeded per (seed, rank, worker, pass); it also gives each sample the seed
+    of its random augmentation (`__seed__`: the pass's seed + the sample's index in the pass), so the
+    augmentation draws neither from the main process's generator, which training uses, nor from a
+    worker's, whose state a resumed run could not restore."""
 
     def __init__(self, bufsize: int, seed: int, rank: int, epoch: _Epoch):
         self.bufsize, self.seed, self.rank, self.epoch = bufsize, seed, rank, epoch
-        self._passes = 0  # counts passes inside a persistent worker, whose epoch copy is frozen
+        self._passes = 0
 
     def __call__(self, src: Iterator) -> Iterator:
         import webdataset as wds
 
         self._passes += 1
-        if self.bufsize < 2:
-            return src
-        rng = random.Random(_seed(self.seed, self.rank, _worker_id(), self.epoch.value, self._passes, 1))
-        return wds.shuffle(self.bufsize, min(self.bufsize, 100), rng=rng)(src)
+        pass_seed = _seed(self.seed, self.rank, _worker_id(), self.epoch.of_pass(self._passes), 1)
+        if self.bufsize >= 2:
+            src = wds.shuffle(self.bufsize, min(self.bufsize, 100), rng=random.Random(pass_seed))(src)
+        for index, sample in enumerate(src):
+            sample["__seed__"] = (pass_seed + index) % 2**63
+            yield sample
 
 
 class _SplitByRank:
@@ -370,12 +414,15 @@ class FixedBatches:
         """Continue as the uninterrupted run would: the next pass is epoch `epoch` (0-based, Lightning's
         `current_epoch`) from its batch `batches_done` on.
 
-        The stream of an epoch is a function of (seed, rank, worker, epoch): the epoch counter is set,
-        the DataLoader's generator (which draws the workers' torch seeds once per pass) is replayed to
-        that pass, and the first `batches_done` batches are produced again and dropped. Why not
-        torchdata's StatefulDataLoader: webdataset's pipeline stages (resampled shards, the shuffle
-        buffer, tar iteration) keep no state it could save, so replaying the seeded pass is the exact
-        way back; its cost is reading `batches_done` batches once more.
+        The stream of an epoch is a function of (seed, rank, worker, epoch) (`_Epoch`): the epoch
+        counter is set, the DataLoader's generator (which draws the workers' torch seeds once per
+        pass; nothing of ours draws from them, a user's transform might) is replayed to that pass, and
+        the first `batches_done` batches are produced again and dropped. Why not torchdata's
+        StatefulDataLoader (or Lightning's support for loaders with `state_dict`): webdataset's
+        stages (tar iteration, the shuffle buffer) keep no state it could save, and Lightning asks a
+        loader for its state while its prefetcher already holds batches the training has not seen;
+        replaying the seeded pass is the exact way back, at the cost of reading `batches_done`
+        batches once more.
         """
         if not 0 <= int(batches_done) <= self.num_batches or int(epoch) < 0:
             raise ValueError(f"cannot resume at epoch {epoch}, batch {batches_done} of {self.num_batches}")
@@ -443,7 +490,7 @@ def train_loader(
     rank, _ = dist_info(rank, world_size)
     epoch = _Epoch()
     pipeline = wds.DataPipeline(
-        wds.ResampledShards(expanded, seed=seed, worker_seed=_WorkerSeed(seed, rank, epoch), deterministic=True),
+        _ResampledShards(expanded, seed, rank, epoch),
         wds.tarfile_to_samples(handler=counter),
         _SeededShuffle(shuffle_buffer, seed, rank, epoch),
         wds.map(sample_map, handler=counter),

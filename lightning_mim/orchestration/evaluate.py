@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_mim.eval.generation import evaluate_generation
 from lightning_mim.orchestration.config import ConfigError, compose, config_groups, parse_overrides, report_config_error
 from lightning_mim.orchestration.noise import filter_known_noise
-from lightning_mim.orchestration.protocol import TrialContext, write_progress, write_result
+from lightning_mim.orchestration.protocol import TrialContext, objective_metric, write_progress, write_result
 from lightning_mim.orchestration.schema import check_config
 from lightning_mim.orchestration.tracking import alias_keys, ensure_experiment, environment_tags, run_params
 
@@ -88,7 +88,11 @@ def _log_to_mlflow(cfg: DictConfig, metrics: dict[str, float], run_name: str, tr
     items = [(k, str(v)[:250]) for k, v in run_params(cfg, aliases).items()]
     for start in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[start : start + 100]])
-    client.log_batch(run.info.run_id, metrics=[Metric(f"val/{k}", v, 0, 0) for k, v in metrics.items()])
+    logged = [Metric(f"val/{k}", v, 0, 0) for k, v in metrics.items()]
+    objective = next((m for m in logged if m.key == trial.objective), None)
+    if objective is not None:  # a sweep's objective first: MLflow's compare view opens on the first metric
+        logged.insert(0, Metric(objective_metric(objective.key), objective.value, 0, 0))
+    client.log_batch(run.info.run_id, metrics=logged)
     client.set_terminated(run.info.run_id, status="FINISHED")
     return run.info.run_id
 

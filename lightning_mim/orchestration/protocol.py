@@ -10,7 +10,9 @@ settings — and talks to it through two channels only:
   `TRIAL_ENV`       JSON of the Optuna trial the training reports to when the sweep prunes
                     (storage URL, study, trial id, monitored metric, pruner name);
   `PROGRESS_ENV`    the file the trial keeps its current phase in (`write_progress`), which the
-                    driver polls for its console (`read_progress`).
+                    driver polls for its console (`read_progress`);
+  `OBJECTIVE_ENV`   the metric the sweep optimises: the trial's MLflow run lists
+                    `objective_metric(name)` first (see `tracking.reserve_first_metric`).
   Environment variables, not config keys: they must not change the config hash that keys the stage
   cache (two trials that differ only in their trial number share one trained model).
 - a JSON result file, coming out (`write_result` -> `read_result`), at `result_path(directory)`: a
@@ -32,9 +34,17 @@ PARENT_RUN_ENV = "LIGHTNING_MIM_PARENT_RUN_ID"
 RUN_TAGS_ENV = "LIGHTNING_MIM_RUN_TAGS"
 TRIAL_ENV = "LIGHTNING_MIM_OPTUNA_TRIAL"
 PROGRESS_ENV = "LIGHTNING_MIM_PROGRESS_FILE"
+OBJECTIVE_ENV = "LIGHTNING_MIM_OBJECTIVE"
 RESULT_FILE = "result.json"
 PROGRESS_FILE = "progress.json"
 PRUNING_KEYS = ("storage", "study", "trial_id", "monitor", "pruner")
+
+
+def objective_metric(objective: str) -> str:
+    """The one name a sweep's objective has on every child run: `val/fid_domain` -> `objective/val/fid_domain`."""
+    if not objective:
+        raise ValueError("objective must be a metric name, got an empty string")
+    return f"objective/{objective}"
 
 
 @dataclass(frozen=True)
@@ -43,13 +53,15 @@ class TrialContext:
 
     parent_run_id: MLflow run to nest under. tags: extra MLflow tags. pruning: None, or the Optuna
     trial to report to: {storage, study, trial_id, monitor, pruner}. progress_file: where the trial
-    keeps its phase for the driver's console (None: nobody is watching).
+    keeps its phase for the driver's console (None: nobody is watching). objective: the metric the
+    sweep optimises (None outside a sweep).
     """
 
     parent_run_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     pruning: dict[str, Any] | None = None
     progress_file: str | None = None
+    objective: str | None = None
 
     def __post_init__(self) -> None:
         if self.pruning is not None and sorted(self.pruning) != sorted(PRUNING_KEYS):
@@ -64,6 +76,8 @@ class TrialContext:
             env[TRIAL_ENV] = json.dumps(self.pruning)
         if self.progress_file:
             env[PROGRESS_ENV] = str(self.progress_file)
+        if self.objective:
+            env[OBJECTIVE_ENV] = self.objective
         return env
 
     @classmethod
@@ -76,6 +90,7 @@ class TrialContext:
             tags=json.loads(env.get(RUN_TAGS_ENV) or "{}"),
             pruning=json.loads(pruning) if pruning else None,
             progress_file=env.get(PROGRESS_ENV) or None,
+            objective=env.get(OBJECTIVE_ENV) or None,
         )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -36,7 +37,14 @@ from lightning_mim.orchestration.config import ConfigError, absolutize_paths, co
 from lightning_mim.locks import file_lock, pid_alive
 from lightning_mim.orchestration.launchers import SubmititOptions, TrialFailed, failure, job_resources, run_submitit
 from lightning_mim.orchestration.progress import SweepClock, describe, format_duration
-from lightning_mim.orchestration.protocol import PROGRESS_FILE, TrialContext, read_progress, read_result, result_path
+from lightning_mim.orchestration.protocol import (
+    PROGRESS_FILE,
+    TrialContext,
+    objective_metric,
+    read_progress,
+    read_result,
+    result_path,
+)
 from lightning_mim.orchestration.pruning import build_pruner, rdb_storage
 from lightning_mim.orchestration.schema import config_problems, format_problem
 from lightning_mim.orchestration.stages import cached
@@ -75,6 +83,30 @@ def _heartbeat(study: optuna.Study, trial: optuna.Trial):
 
     with get_heartbeat_thread(trial._trial_id, study._storage):
         yield
+
+
+@contextmanager
+def _database_lock(storage_url: str, name: str):
+    """A lock in the study's database, for workers that share no file system (nodes with homes of their
+    own): PostgreSQL's session advisory lock on a key hashed from `name`, released when the block ends or
+    the connection drops (a killed worker). Other databases: nothing (SQLite's workers share its file
+    system, where the file locks serialize them)."""
+    if not storage_url.startswith("postgresql"):
+        yield
+        return
+    import sqlalchemy
+
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+    engine = sqlalchemy.create_engine(storage_url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+    finally:
+        engine.dispose()
 
 
 class _AskTellGridSampler(optuna.samplers.GridSampler):
@@ -127,11 +159,6 @@ def final_evaluation_only(cfg: DictConfig) -> list[str]:
         if spec:
             out += [f"callbacks.{name}.{key}=null" for key in ("every_n_steps", "every_n_epochs") if spec.get(key) is not None]
     return out
-
-
-def objective_metric(objective: str) -> str:
-    """`val/fid_domain` -> `objective/val/fid_domain`."""
-    return f"objective/{objective}"
 
 
 def point_name(params: dict[str, Any]) -> str:
@@ -202,6 +229,15 @@ class Sweep:
                 time.sleep(0.5 * (attempt + 1))
         raise RuntimeError(f"could not create or load study {self.study_name}")
 
+    @contextmanager
+    def _lock(self, name: str):
+        """A critical section of this study's workers (`ask`: recovering and asking for trials, `parent`:
+        creating the MLflow parent run): a file lock in the sweep directory serializes the workers sharing
+        this home; on PostgreSQL, a lock in the database also those of other nodes with homes of their own
+        (without it, two workers restarting at once both enqueue the redo of a dead trial's point)."""
+        with file_lock(self.sweep_dir / f"{name}.lock"), _database_lock(self.storage_url, f"{self.study_name}/{name}"):
+            yield
+
     def recover(self, study: optuna.Study) -> None:
         """Fail the trials of dead drivers and enqueue retries of failed points.
 
@@ -210,7 +246,7 @@ class Sweep:
         retried `spec.retries` times in all.
         """
         host = socket.gethostname()
-        with file_lock(self.sweep_dir / "ask.lock"):
+        with self._lock("ask"):
             running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             for trial in running:
                 attrs = trial.user_attrs
@@ -270,7 +306,7 @@ class Sweep:
             return None
         from mlflow.tracking import MlflowClient
 
-        with file_lock(self.sweep_dir / "parent.lock"):
+        with self._lock("parent"):
             study_attrs = study.user_attrs  # refreshed from storage
             if "mlflow_parent_run_id" in study_attrs:
                 return study_attrs["mlflow_parent_run_id"]
@@ -292,7 +328,8 @@ class Sweep:
         overrides = [*self.spec.trial_overrides(params), *self.base_overrides]
         trial_dir = self.sweep_dir / f"trial-{trial.number:04d}"
         tags = {"lightning_mim.role": "trial", "lightning_mim.study": self.study_name, "optuna.trial_number": str(trial.number)}
-        context = TrialContext(parent_run_id=parent_run_id, tags=tags, progress_file=str(trial_dir / PROGRESS_FILE))
+        context = TrialContext(parent_run_id=parent_run_id, tags=tags, progress_file=str(trial_dir / PROGRESS_FILE),
+                               objective=self.spec.objective)
         run_name = point_name(params) or f"trial-{trial.number:03d}"  # MLflow shows children by their point
         try:
             metrics, checkpoint = self._train_or_reuse(trial, overrides, trial_dir, run_name, context)
@@ -314,9 +351,8 @@ class Sweep:
 
     def _log_objective(self, number: int, value: float) -> None:
         """The objective again as `objective/<name>` on the child run: one name to pick in MLflow's
-        compare view and runs table, whatever the sweep optimises. (The compare view starts on the
-        first metric the runs share in the store's order, `train/loss`; making this one that first
-        metric is still open.)"""
+        runs table, whatever the sweep optimises, and the metric MLflow's compare view starts on (the
+        trial's process reserved the name as the run's first metric: `tracking.reserve_first_metric`)."""
         if not self.tracking_uri:
             return
         from mlflow.tracking import MlflowClient
@@ -431,7 +467,7 @@ class Sweep:
         with Progress(*columns, transient=False) as progress:
             task = progress.add_task("", total=total, completed=total - todo)
             while True:
-                with file_lock(self.sweep_dir / "ask.lock"):
+                with self._lock("ask"):
                     remaining = self.remaining(study)
                     if remaining == 0:
                         break

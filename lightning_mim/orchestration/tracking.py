@@ -150,6 +150,23 @@ def log_run_config(logger, params_and_tags: tuple[dict[str, Any], dict[str, str]
         logger.experiment.log_artifact(logger.run_id, str(config_file))
 
 
+def reserve_first_metric(logger, key: str) -> None:
+    """Make `key` the first metric of the logger's MLflow run, before training logs any other.
+
+    MLflow's compare view opens its parallel-coordinates plot on the first metric the compared runs
+    share, in the order the store returns a run's metrics (`sharedMetricKeys.slice(0, 1)` in its
+    `ParallelCoordinatesPlotPanel`); the SQL stores return them in the order each key was first
+    logged. So a sweep trial logs its objective here as NaN at step 0 ("not measured yet"); the
+    driver logs the real value when the trial ends, which becomes the run's latest value (same
+    step, later timestamp). A killed trial keeps the NaN: it has no objective. (SQLite, the default
+    store, keeps that order; PostgreSQL returns rows in heap order, which updates can change.)
+    """
+    if not key:
+        raise ValueError("reserve_first_metric needs a metric name, got an empty string")
+    if hasattr(logger, "experiment") and getattr(logger, "run_id", None):
+        logger.experiment.log_metric(logger.run_id, key, float("nan"), step=0)
+
+
 def runs_table_url(experiment_id: str, host: str = "127.0.0.1", port: int = 5000) -> str:
     """The URL that opens the classic runs table (not the GenAI view) in MLflow 3.17's UI."""
     return f"http://{host}:{port}/#/experiments/{experiment_id}?workflowType=machine_learning"

@@ -18,15 +18,15 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_mim.callbacks import PerRankSeed, StepBudgetProgressBar
+from lightning_mim.callbacks import ExactResume, PerRankSeed, StepBudgetProgressBar
 from lightning_mim.orchestration import pruning_callback
 from lightning_mim.orchestration.noise import filter_known_noise
 from lightning_mim.orchestration.config import ConfigError, absolutize_paths, compose, config_groups, group_options, report_config_error
 from lightning_mim.orchestration.progress import TrialProgress
-from lightning_mim.orchestration.protocol import TrialContext, result_path, write_progress, write_result
+from lightning_mim.orchestration.protocol import TrialContext, objective_metric, result_path, write_progress, write_result
 from lightning_mim.orchestration.schema import check_config
 from lightning_mim.orchestration.stages import prepare_stage_inputs
-from lightning_mim.orchestration.tracking import log_run_config, mlflow_logger, run_params_and_path_tags
+from lightning_mim.orchestration.tracking import log_run_config, mlflow_logger, reserve_first_metric, run_params_and_path_tags
 
 RUN_NAME_ENV = "LIGHTNING_MIM_RUN_NAME"  # DDP relaunches: every rank resolves the first process's run name
 
@@ -54,7 +54,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data, _convert_="all")
     model = instantiate(cfg.model, _recursive_=False, _convert_="all")
     checkpoint_cb = _checkpoint_callback(cfg, output_dir)
-    callbacks = [checkpoint_cb, *_instantiate_callbacks(cfg)]
+    callbacks = [checkpoint_cb, ExactResume(), *_instantiate_callbacks(cfg)]  # a resumed run = the uninterrupted one
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepBudgetProgressBar())  # "Epoch 11 · step 450/600", not Lightning's "Epoch 11/-2"
     if trial.progress_file:  # a sweep's console follows this trial
@@ -74,6 +74,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer.callbacks.append(PerRankSeed(int(cfg.seed)))
     if logger is not None:
         log_run_config(logger, params_and_tags, output_dir / "config.yaml")
+        if trial.objective:  # MLflow's compare view opens on the run's first metric: the sweep's objective
+            reserve_first_metric(logger, objective_metric(trial.objective))
     trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg, checkpoint_cb))
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
