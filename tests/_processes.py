@@ -98,12 +98,13 @@ def _tail(path: Path, chars: int = 8000) -> str:
     return "\n".join(line for line in lines if not line.startswith("Extension modules:"))[-chars:]
 
 
-def run_processes(commands: list[list[str]], env: dict[str, str], log_dir: Path, timeout: float) -> float:
+def run_processes(commands: list[list[str]], env: dict[str, str], log_dir: Path, timeout: float,
+                  expected_codes: list[int] | None = None) -> float:
     """Run the commands at once (each with every process it starts) to completion; returns seconds.
 
     Each command's stdout+stderr go to `log_dir/proc{i}.log` (a file, not a pipe: a full pipe blocks
-    the writer, which looks exactly like a hang). Fails with the logs' tails when a command exits
-    non-zero, and — when the processes are still running after `timeout` seconds, or a descendant
+    the writer, which looks exactly like a hang). Fails with the logs' tails when the commands' exit
+    codes are not `expected_codes` (default: all 0; -9 for a command meant to die by SIGKILL), and — when the processes are still running after `timeout` seconds, or a descendant
     (a rank) outlives its launcher by 60 s — with every process' stack dump, after which everything is killed.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +142,7 @@ def run_processes(commands: list[list[str]], env: dict[str, str], log_dir: Path,
             log.close()
     seconds = time.monotonic() - start
     codes = [p.returncode for p in procs]
-    if hung or codes != [0] * len(procs):
+    if hung or codes != (expected_codes or [0] * len(procs)):
         tails = "\n".join(f"=== {path.name} (exit {code}): {' '.join(map(str, cmd))[-400:]}\n{_tail(path)}"
                           for path, code, cmd in zip(paths, codes, commands))  # fmt: skip
         raise (ProcessesHung if hung else AssertionError)(f"{hung or 'failed'} (exit codes {codes}, {seconds:.0f} s)\n{tails}")

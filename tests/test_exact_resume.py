@@ -94,3 +94,35 @@ def test_fixed_batches_resume_replays_the_epoch_from_the_batch():
     assert list(resumed) == passes[2]
     with pytest.raises(ValueError, match="cannot resume"):
         resumed.resume(epoch=0, batches_done=5)
+
+
+@pytest.mark.slow  # three 2-process runs: ~100 s on a loaded 2-core machine
+@pytest.mark.timeout(600)
+def test_two_rank_ddp_sigkill_then_resume_equals_the_uninterrupted_run(session_home, tiny_stage2_overrides, tmp_path):
+    """Both ranks die by SIGKILL after step 5 (mid-epoch: epochs of 3 batches per rank); each rank gets
+    its own generators and its own stream position back, and the resumed run ends as the uninterrupted one."""
+    from _processes import child_env, run_processes
+    from test_ddp import ddp_overrides, train_command
+
+    home = tmp_path / "home"
+    env = child_env(home)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p)
+
+    def args(name: str, *more: str) -> list[str]:
+        return ddp_overrides(tiny_stage2_overrides, session_home, f"run_name={name}", "trainer.max_steps=8",
+                             "data.batches_per_epoch=3", "checkpoint_every_n_steps=1", "logger=csv",
+                             "transformer.dropout=0.1", "callbacks.pictures=null", *more)
+
+    run_processes([train_command(args("full"))], env, tmp_path / "full", timeout=240)
+    killer = ["+callbacks.killer._target_=_killer.KillAtStep", "+callbacks.killer.step=5"]
+    run_processes([train_command(args("killed", *killer))], env, tmp_path / "killed", timeout=240, expected_codes=[-9])
+    saved = torch.load(home / "runs" / "killed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 4 and len(saved["exact_resume"]["rng"]) == 2  # one generator set per rank
+    run_processes([train_command(args("killed", "ckpt_path=last"))], env, tmp_path / "resumed", timeout=240)
+    full_result, full_state = _final(home, "full")
+    result, state = _final(home, "killed")
+    assert result["global_step"] == full_result["global_step"] == 8
+    for key, value in full_state["state_dict"].items():
+        assert torch.equal(state["state_dict"][key], value), key
+    for key in ("val/loss", "val/fid_domain", "val/cas"):
+        assert result["metrics"][key] == full_result["metrics"][key], key
