@@ -3,7 +3,9 @@
 Everything works on (B, h, w) token grids; `logits_fn` has decode's contract (flat (B, N) ids ->
 (B, N, K) logits) and carries the conditioning (e.g. the target class token) in its closure.
 Class-conditional editing follows `maskgit/inference.py` (box -> latent mask enlarged by one cell,
-decode from start_iter 2 of 12 steps, composite through a blurred mask).
+decode from start_iter 2 of 12 steps, composite through a blurred mask). Inpainting and outpainting
+map a pixel region to the cells that cover it (`region_cells`). The stage-2 modules' `inpaint`,
+`outpaint` and `class_edit` run these functions on images (`modules/stage2.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import Tensor
 from lightning_mim.decoding import LogitsFn, decode
 
 __all__ = [
+    "region_cells",
     "inpaint",
     "outpaint",
     "class_edit_token_mask",
@@ -35,6 +38,40 @@ def _pair(x: Size2, name: str) -> tuple[int, int]:
     if len(pair) != 2 or min(pair) < 1:
         raise ValueError(f"{name} must be a positive int or (height, width), got {x!r}")
     return pair  # type: ignore[return-value]
+
+
+def region_cells(region: Union[Sequence[int], Tensor], image_size: Size2, grid_size: Size2) -> Tensor:
+    """The token cells covering a pixel region: a cell is in when at least one of its pixels is.
+
+    region: a box (x0, y0, x1, y1) in integer pixels, x1 and y1 exclusive, with
+        0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H; or a bool mask (H, W) or (B, H, W) (True = region).
+    image_size: (H, W) or an int; grid_size: (h, w) or an int, with H, W multiples of h, w.
+    Returns (h, w) bool for a box or an (H, W) mask, (B, h, w) for a (B, H, W) mask, on the mask's
+    device. Re-generating these cells re-generates every pixel of the region (and the rest of the
+    cells it touches): the region is never smaller than asked. Class editing enlarges its box by one
+    more cell each side instead (`class_edit_token_mask`, the official rule).
+    """
+    img_h, img_w = _pair(image_size, "image_size")
+    grid_h, grid_w = _pair(grid_size, "grid_size")
+    if img_h % grid_h or img_w % grid_w:
+        raise ValueError(f"image_size {(img_h, img_w)} must be a multiple of grid_size {(grid_h, grid_w)}")
+    if isinstance(region, Tensor):
+        if region.dtype != torch.bool:
+            raise ValueError(f"a region mask must be bool (True = re-generate), got dtype {region.dtype}")
+        if region.dim() not in (2, 3) or tuple(region.shape[-2:]) != (img_h, img_w):
+            raise ValueError(f"a region mask must be (H, W) or (B, H, W) with H, W = {(img_h, img_w)}, got {tuple(region.shape)}")
+        pixels = region
+    else:
+        if len(region) != 4 or any(isinstance(v, bool) or int(v) != v for v in region):
+            raise ValueError(f"a region box must be 4 integer pixels (x0, y0, x1, y1), got {region!r}")
+        x0, y0, x1, y1 = (int(v) for v in region)
+        if not (0 <= x0 < x1 <= img_w and 0 <= y0 < y1 <= img_h):
+            raise ValueError(f"box {tuple(region)} must satisfy 0 <= x0 < x1 <= {img_w}, 0 <= y0 < y1 <= {img_h}")
+        pixels = torch.zeros(img_h, img_w, dtype=torch.bool)
+        pixels[y0:y1, x0:x1] = True
+    stride = (img_h // grid_h, img_w // grid_w)
+    cells = F.max_pool2d(pixels.float().reshape(-1, 1, img_h, img_w), kernel_size=stride, stride=stride)
+    return cells.reshape(*pixels.shape[:-2], grid_h, grid_w) > 0
 
 
 def _decode_grid(logits_fn: LogitsFn, grid: Tensor, mask_id: int, decode_kwargs: dict[str, Any]):
@@ -168,11 +205,13 @@ def blurred_composite(
 @dataclass
 class ClassEditResult:
     """tokens: the edited (B, h, w) grid; token_mask: the (h, w) re-generated cells; images: the
-    blurred composite, when `original_images` and `tokens_to_images` were given (else None)."""
+    blurred composite, when `original_images` and `tokens_to_images` were given (else None); steps:
+    each decoding step's (B, h, w) grid with return_steps=True (else None)."""
 
     tokens: Tensor
     token_mask: Tensor
     images: Optional[Tensor] = None
+    steps: Optional[list[Tensor]] = None
 
 
 def class_edit(
@@ -195,7 +234,8 @@ def class_edit(
     inside the closure). The box's cells, enlarged by one, are masked and decoded from step
     `start_iter` (2) of `steps` (12), the official setting. With `original_images` (B, C, H, W)
     and `tokens_to_images` ((B, h, w) tokens -> images, i.e. the tokenizer's decoder), the result
-    also holds `blurred_composite(decoded, original_images, token_mask, blur_radius)`.
+    also holds `blurred_composite(decoded, original_images, token_mask, blur_radius)`; with
+    return_steps=True (a `decode_kwargs` key), also each step's grid.
     """
     if tokens.dim() != 3:
         raise ValueError(f"tokens must be a (B, h, w) grid, got shape {tuple(tokens.shape)}")
@@ -205,9 +245,10 @@ def class_edit(
     edited = inpaint(
         logits_fn, tokens, token_mask, mask_id=mask_id, steps=steps, start_iter=start_iter, **decode_kwargs
     )
-    if isinstance(edited, tuple):  # return_steps=True: keep only the final grid here
-        edited = edited[0]
+    history = None
+    if isinstance(edited, tuple):  # return_steps=True
+        edited, history = edited
     images = None
     if tokens_to_images is not None:
         images = blurred_composite(tokens_to_images(edited), original_images, token_mask, blur_radius)
-    return ClassEditResult(tokens=edited, token_mask=token_mask, images=images)
+    return ClassEditResult(tokens=edited, token_mask=token_mask, images=images, steps=history)

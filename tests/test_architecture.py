@@ -37,6 +37,7 @@ SHIMS = {
     "lightning_mim.tokenize": "lightning_mim.orchestration.tokenize",
     "lightning_mim.data.prepare": "lightning_mim.orchestration.prepare",
     "lightning_mim.report": "lightning_mim.orchestration.report",
+    "lightning_mim.edit": "lightning_mim.orchestration.edit",
 }
 
 # Layer -> the layers its modules may import (their own included). THE table: docs/ARCHITECTURE.md mirrors it.
