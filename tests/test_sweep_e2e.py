@@ -27,6 +27,23 @@ def _trials(home: Path):
     return study, study.get_trials(deepcopy=False)
 
 
+def _any_trial_complete(home: Path) -> bool:
+    """Whether the driver's study has a complete trial, read without Optuna: opening a store through
+    Optuna (or MLflow) creates its tables when they are missing, and two processes creating the tables
+    of a fresh SQLite file at once make one of them fail, here the driver ("table studies already
+    exists"). A read-only connection creates nothing."""
+    import sqlite3
+
+    db = home / "optuna.db"
+    if not db.exists():
+        return False
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as connection:
+            return connection.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0] > 0
+    except sqlite3.Error:  # no tables yet, or a write in progress
+        return False
+
+
 def _complete_params(trials):
     return [json.dumps(t.params, sort_keys=True) for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
 
@@ -205,11 +222,8 @@ def test_killed_sweep_resumes_with_only_the_missing_trials(tmp_path, tiny_stage2
     first_done = None
     while time.time() < deadline and first_done is None:
         time.sleep(1)
-        if (home / "optuna.db").exists():
-            try:
-                _, trials = _trials(home)
-            except Exception:
-                continue
+        if _any_trial_complete(home):  # only then open the study through Optuna (see the helper)
+            _, trials = _trials(home)
             done = _complete_params(trials)
             first_done = done[0] if done else None
     assert first_done is not None, "the first trial never finished"
