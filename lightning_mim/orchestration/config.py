@@ -55,6 +55,16 @@ def report_config_error(err: Exception) -> int:
     return 2
 
 
+def usage_status(argv: list[str], usage: str | None) -> int | None:
+    """For commands whose arguments are all required `key=value` pairs (`evaluate`, `edit`): with
+    `-h`/`--help`, print `usage` and return 0; with no arguments, print it and return 2 (nothing to
+    do); otherwise None: go on."""
+    if argv and not any(a in ("-h", "--help") for a in argv):
+        return None
+    print(usage or "")
+    return 0 if argv else 2
+
+
 def group_options(group: str) -> list[str]:
     """Option names of a config group (`schedule` -> ['arccos', 'cosine', ...])."""
     folder = config_dir() / group

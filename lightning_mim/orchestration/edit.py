@@ -50,7 +50,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from lightning_mim.orchestration.config import ConfigError, parse_overrides, report_config_error
+from lightning_mim.orchestration.config import ConfigError, parse_overrides, report_config_error, usage_status
 from lightning_mim.orchestration.evaluate import base_config, load_module
 from lightning_mim.orchestration.noise import filter_known_noise
 from lightning_mim.orchestration.schema import format_problem
@@ -357,9 +357,9 @@ def overview(before: Tensor, masked: Tensor, after: Tensor, block: int = BLOCK) 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0 if argv else 2
+    status = usage_status(argv, __doc__)
+    if status is not None:
+        return status
     try:
         request = parse_request(argv)
         cfg = base_config(request.ckpt)

@@ -20,7 +20,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_mim.eval.generation import evaluate_generation
-from lightning_mim.orchestration.config import ConfigError, compose, config_groups, parse_overrides, report_config_error
+from lightning_mim.orchestration.config import ConfigError, compose, config_groups, parse_overrides, report_config_error, usage_status
 from lightning_mim.orchestration.noise import filter_known_noise
 from lightning_mim.orchestration.protocol import TrialContext, objective_metric, write_progress, write_result
 from lightning_mim.orchestration.schema import check_config
@@ -125,9 +125,9 @@ def parse_arguments(argv: Sequence[str]) -> tuple[Path, str | None, dict[str, li
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0 if argv else 2
+    status = usage_status(argv, __doc__)
+    if status is not None:
+        return status
     try:
         ckpt, result_file, axes = parse_arguments(argv)
         keys = sorted(axes)
