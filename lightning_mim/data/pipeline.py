@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import random
+from contextlib import contextmanager
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -186,6 +187,18 @@ class ImageTransform:
         return F.pil_to_tensor(image)
 
 
+@contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Inside the block torch's CPU generator draws from `seed` (the training stream's seed for one
+    sample), and afterwards from where it was; None: leave it alone."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(int(seed))
+        yield
+
+
 class _ImageMap:
     """raw sample -> (float image, label); a picklable class so `spawn` workers work."""
 
@@ -194,11 +207,7 @@ class _ImageMap:
 
     def __call__(self, sample: dict) -> tuple[Tensor, int]:
         image, label, _ = decode_image_sample(sample)
-        if self.transform.is_random and "__seed__" in sample:  # the training stream's own seed for this sample
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(int(sample["__seed__"]))
-                out = self.transform.to_uint8(image), label
-        else:
+        with _seeded(sample.get("__seed__") if self.transform.is_random else None):
             out = self.transform.to_uint8(image), label
         self.counter.success()
         return out
@@ -335,7 +344,20 @@ class _Epoch:
         return self.value + passes_in_this_copy - 1
 
 
-class _ResampledShards(torch.utils.data.IterableDataset):
+class _PassSeeded:
+    """A stage of the training pipeline whose draws are seeded per (seed, rank, worker, pass) (`_Epoch`);
+    `stream` keeps the seeds of two stages apart. `_pass_seed()` starts a pass and returns its seed."""
+
+    def __init__(self, seed: int, rank: int, epoch: _Epoch, stream: int):
+        self.seed, self.rank, self.epoch, self.stream = seed, rank, epoch, stream
+        self._passes = 0  # passes begun in this copy of the stage
+
+    def _pass_seed(self) -> int:
+        self._passes += 1
+        return _seed(self.seed, self.rank, _worker_id(), self.epoch.of_pass(self._passes), self.stream)
+
+
+class _ResampledShards(_PassSeeded, torch.utils.data.IterableDataset):
     """Endless shard URLs drawn with replacement, seeded per (seed, rank, worker, pass).
 
     What webdataset's `ResampledShards` does, except for its seed: that one mixes in a pass counter
@@ -346,32 +368,29 @@ class _ResampledShards(torch.utils.data.IterableDataset):
     def __init__(self, urls: Sequence[str], seed: int, rank: int, epoch: _Epoch):
         if not urls:
             raise ValueError("no training shards to draw from")
-        super().__init__()
-        self.urls, self.seed, self.rank, self.epoch = list(urls), seed, rank, epoch
-        self._passes = 0
+        super().__init__(seed, rank, epoch, stream=0)
+        self.urls = list(urls)
 
     def __iter__(self) -> Iterator[dict]:
-        self._passes += 1
-        rng = random.Random(_seed(self.seed, self.rank, _worker_id(), self.epoch.of_pass(self._passes), 0))
+        rng = random.Random(self._pass_seed())
         while True:
             yield {"url": rng.choice(self.urls)}
 
 
-class _SeededShuffle:
+class _SeededShuffle(_PassSeeded):
     """Sample shuffle buffer seeded per (seed, rank, worker, pass); it also gives each sample the seed
     of its random augmentation (`__seed__`: the pass's seed + the sample's index in the pass), so the
     augmentation draws neither from the main process's generator, which training uses, nor from a
     worker's, whose state a resumed run could not restore."""
 
     def __init__(self, bufsize: int, seed: int, rank: int, epoch: _Epoch):
-        self.bufsize, self.seed, self.rank, self.epoch = bufsize, seed, rank, epoch
-        self._passes = 0
+        super().__init__(seed, rank, epoch, stream=1)
+        self.bufsize = bufsize
 
     def __call__(self, src: Iterator) -> Iterator:
         import webdataset as wds
 
-        self._passes += 1
-        pass_seed = _seed(self.seed, self.rank, _worker_id(), self.epoch.of_pass(self._passes), 1)
+        pass_seed = self._pass_seed()
         if self.bufsize >= 2:
             src = wds.shuffle(self.bufsize, min(self.bufsize, 100), rng=random.Random(pass_seed))(src)
         for index, sample in enumerate(src):

@@ -317,8 +317,8 @@ class Stage2Module(FrozenTokenizerModule):
         return images.to(self.device)
 
     def _edit_tokens(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) images in [0, 1] -> their (B, h, w) token grid on this module's device."""
-        return self.tokenizer.encode_to_indices(self._edit_input(images)).long()
+        """Images checked by `_edit_input` -> their (B, h, w) token grid on this module's device."""
+        return self.tokenizer.encode_to_indices(images).long()
 
     def _edit_labels(self, labels: Tensor | int | Sequence[int] | None, batch: int) -> Tensor | None:
         """None, or (batch,) int64 class ids on this device (one int is every image's class)."""
@@ -376,7 +376,7 @@ class Stage2Module(FrozenTokenizerModule):
         (`paste=False`: the decoded image everywhere, see above); with `return_steps`, also one
         picture per decoding step (still-masked cells grey).
         """
-        tokens = self._edit_tokens(images)
+        tokens = self._edit_tokens(self._edit_input(images))
         cells = self.edit_cells(region).to(self.device)
         labels = self._edit_labels(labels, len(tokens))
         with self.evaluating():

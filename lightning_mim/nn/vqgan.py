@@ -48,6 +48,14 @@ def official_maskgit_f16_config() -> dict[str, Any]:
     )
 
 
+def downsample_factor(channel_multipliers: Sequence[int]) -> int:
+    """Pixels per token cell along each side: one 2x down-sampling between consecutive levels,
+    2 ** (levels - 1) (the official [1, 1, 2, 2, 4] -> 16)."""
+    if not channel_multipliers:
+        raise ValueError("channel_multipliers must name at least one level")
+    return 2 ** (len(channel_multipliers) - 1)
+
+
 def group_norm(channels: int, groups: int, eps: float) -> nn.GroupNorm:
     """GroupNorm with `min(groups, channels)` groups; a width not divisible by that is an error.
 
@@ -298,7 +306,7 @@ class VQGAN(nn.Module):
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.config["channel_multipliers"]) - 1)
+        return downsample_factor(self.config["channel_multipliers"])
 
     def grid_size(self, image_size: int | tuple[int, int]) -> int | tuple[int, int]:
         """Latent grid for an image size: 256 -> 16 for f=16; a (H, W) tuple gives (h, w)."""

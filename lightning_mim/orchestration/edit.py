@@ -50,6 +50,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from lightning_mim.nn.vqgan import downsample_factor
 from lightning_mim.orchestration.config import ConfigError, parse_overrides, report_config_error, usage_status
 from lightning_mim.orchestration.evaluate import base_config, load_module
 from lightning_mim.orchestration.noise import filter_known_noise
@@ -208,10 +209,9 @@ def editable(cfg: DictConfig, shown_ckpt: str) -> Editable:
         )))
     model = OmegaConf.to_container(cfg.model, resolve=True)
     conditional = model.get("conditional", True) and "num_classes" in model
-    multipliers = model["tokenizer"]["arch"]["channel_multipliers"]
     return Editable(
         image_size=int(model["image_size"]),
-        cell=2 ** (len(multipliers) - 1),
+        cell=downsample_factor(model["tokenizer"]["arch"]["channel_multipliers"]),
         num_classes=int(model["num_classes"]) if conditional else 0,
         decode=dict(model["decode"]),
     )
@@ -295,8 +295,10 @@ def region_mask(path: Path, size: int) -> Tensor:
     return load_images([path], size, interpolation="nearest")[0].mean(0) >= 0.5
 
 
-def edit_batch(module, request: EditRequest, images: Tensor, labels: Tensor | None, generator: torch.Generator):
-    """One batch through the module's editing method: (masked input picture, after, steps or None)."""
+def edit_batch(module, request: EditRequest, images: Tensor, labels: Tensor | None, generator: torch.Generator,
+               mask: Tensor | None = None):
+    """One batch through the module's editing method: (before, masked input picture, after, steps or
+    None). `mask`: the (H, W) bool region of inpainting by `mask=` (`region_mask`, read once per run)."""
     from lightning_mim.editing import blurred_composite, class_edit_token_mask
 
     progression = bool(request.get("progression", False))
@@ -306,7 +308,7 @@ def edit_batch(module, request: EditRequest, images: Tensor, labels: Tensor | No
             kwargs[key] = request.get(key)
     box = request.get("box")
     if request.task == "inpaint":
-        region = box if box is not None else region_mask(request.get("mask"), module.image_size)
+        region = box if box is not None else mask
         cells = module.edit_cells(region)
         out = module.inpaint(images, region, labels, **kwargs)
     elif request.task == "outpaint":
@@ -373,11 +375,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     module = load_module(cfg, request.ckpt).to(device)
     generator = torch.Generator(device=device).manual_seed(int(request.get("seed", 0)))
+    mask = region_mask(request.get("mask"), model.image_size) if "mask" in request.values else None
     collected: list[tuple[Tensor, Tensor, Tensor]] = []
     for start in range(0, len(request.inputs), BATCH):
         paths = request.inputs[start : start + BATCH]
         labels = batch_labels(request, paths, model.num_classes)
-        before, masked, after, steps = edit_batch(module, request, load_images(paths, model.image_size), labels, generator)
+        images = load_images(paths, model.image_size)
+        before, masked, after, steps = edit_batch(module, request, images, labels, generator, mask)
         write_pictures(out, [p.stem for p in paths], before, masked, after, steps)
         collected.append((before, masked, after))
     before, masked, after = (torch.cat(parts) for parts in zip(*collected))

@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lightning_mim.nn.vqgan import downsample_factor
 from lightning_mim.orchestration.config import ConfigError
 
 Problem = tuple[str, Any, str]  # (dotted key, value, what is allowed)
@@ -206,7 +207,7 @@ def _shape_problems(plain: dict[str, Any]) -> list[Problem]:
     multipliers = tok_arch.get("channel_multipliers")
     size = (plain.get("data") or {}).get("image_size")
     if isinstance(multipliers, list) and multipliers and isinstance(size, int) and size > 0:
-        factor = 2 ** (len(multipliers) - 1)
+        factor = downsample_factor(multipliers)
         if size % factor:
             problems.append(("data.image_size", size, f"must be a multiple of the tokenizer's downsampling {factor}"))
     return problems
