@@ -15,7 +15,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,14 +26,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from _processes import free_port
 
 DB_USER = "lmim"  # the database superuser initdb creates (whatever OS user runs the server)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def postgres_bindir() -> Path:

@@ -9,6 +9,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,6 +35,13 @@ CHILD_ENV = {
 # Launcher state of an enclosing job (a SLURM allocation, torchrun) must not leak into the children.
 LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "LIGHTNING_MIM_RUN_NAME")  # fmt: skip
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free right now (for a gloo rendezvous, a server the test starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def child_env(home: Path) -> dict[str, str]:

@@ -81,6 +81,19 @@ def tiny_stage2_overrides(tiny_tokenizer: Path) -> list[str]:
     return [*TINY_STAGE2, f"tokenizer.ckpt={tiny_tokenizer}"]
 
 
+# Module-scoped fixtures too expensive to build twice (a 6-trial sweep, the uninterrupted reference runs).
+# The suite runs on 2 pytest-xdist workers with `--dist loadgroup` (README "Tests"): every test that uses
+# one of these is put in that fixture's group, so one worker builds it once and runs all of its readers.
+SHARED_FIXTURES = ("grid_sweep", "uninterrupted")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for name in SHARED_FIXTURES:
+            if name in item.fixturenames:
+                item.add_marker(pytest.mark.xdist_group(name))
+
+
 @pytest.fixture(autouse=True)
 def _reset_lightning_rank():
     """Tests that build trainers under a faked cluster environment (RANK=1, SLURM_PROCID=1) leave

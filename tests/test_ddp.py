@@ -25,7 +25,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 
 
 from _decode import decode_config  # noqa: E402
-from _processes import CHILD_ENV, LAUNCHER_ENV, ProcessesHung, child_env, run_processes  # noqa: E402,F401
+from _processes import CHILD_ENV, LAUNCHER_ENV, ProcessesHung, child_env, free_port, run_processes  # noqa: E402,F401
 
 
 def train_command(args: list[str]) -> list[str]:
@@ -243,11 +243,7 @@ else:
 
 def test_run_processes_turns_a_hang_into_a_failure_with_every_ranks_stack(tmp_path):
     """A collective on one rank only: the harness must fail within its timeout and show where each rank is."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     commands = [[sys.executable, "-c", HANG_SNIPPET, str(rank), str(port)] for rank in (0, 1)]
     start = time.monotonic()
     with pytest.raises(AssertionError) as failure:

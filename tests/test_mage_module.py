@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import socket
 import warnings
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from lightning_mim.losses import info_nce
 from lightning_mim.masking import TruncGaussRatio, num_masked
 from lightning_mim.modules.mage import MAGEModule, gathered_info_nce, mage_masks
 from _decode import decode_config
+from _processes import free_port
 
 warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step called without a Trainer
 
@@ -356,12 +356,6 @@ def test_gather_flattens_ranks_in_order():
     torch.testing.assert_close(out, torch.cat([z, z + 100]))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_rank_worker(rank: int, port: int, x: torch.Tensor, w: torch.Tensor, queue) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -390,7 +384,7 @@ def test_two_rank_gathered_info_nce_matches_the_single_process_loss_and_gradient
     full = full.detach()
     ctx = mp.get_context("fork")  # no re-import of torch and lightning in the workers
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_two_rank_worker, args=(r, port, x, w, queue)) for r in range(2)]
     for p in procs:
         p.start()

@@ -9,10 +9,10 @@ validation data, identical synced metrics, one run directory with one checkpoint
 from __future__ import annotations
 
 import json
-import socket
 import sys
 
 import pytest
+from _processes import free_port
 from test_ddp import (
     assert_exact_disjoint_cover,
     assert_synced_val_metrics,
@@ -25,12 +25,6 @@ from test_ddp import (
 )
 
 TIMEOUT = 180
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_command(port: int, run_id: str, module_args: list[str], *, hosts_store: bool) -> list[str]:

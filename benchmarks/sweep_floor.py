@@ -1,0 +1,181 @@
+"""The least wall time a sweep can take on this machine: its FLOPs over the machine's matmul peak.
+
+Run by hand (quiet machine). Counts the floating-point operations of a digits sweep from its config —
+the shared tokenizer stage, every trial's training steps and its final evaluation's decoding passes —
+and divides them by the fastest matrix multiply this machine runs. No implementation of the same
+training can finish sooner: the floor assumes every FLOP at the matmul peak on every core and nothing
+else (no data, no LayerNorm/GELU/dropout, no process start-up, no evaluation metrics, no pictures).
+
+    python benchmarks/sweep_floor.py                           # the default sweep: 3 schedules x sweep_seeds
+    python benchmarks/sweep_floor.py --points 3 trainer.max_steps=450 transformer.depth=2
+
+What it prints, and how each number is obtained:
+- FLOPs per step: `torch.utils.flop_counter.FlopCounterMode` around one real training step of the
+  configured transformer (forward, label-smoothed masked-token loss, backward) at the preset's batch;
+  the counter counts matmuls, batched matmuls and attention, i.e. everything the floor can charge;
+- tokenizer stage: the same count for one step of the configured VQGAN (encode, quantize, decode, L2
+  loss, backward) times `digits_tokenizer`'s steps;
+- final evaluation: one decoding pass of the transformer over `evaluation.num_samples` sequences, times
+  `decode.steps` (the tokenizer's decoding of the samples and the classifier's features are left out:
+  the floor only gets lower);
+- the peak: a 2048 x 2048 float32 matmul on one thread (x cores, the sweep's `sweep_jobs` one-thread
+  trials) and on all threads; the larger rate is the machine's peak;
+- the step as measured: the same training step timed on one thread, as a sweep trial runs it, to show
+  how far a real step is from the peak (LayerNorm, GELU, dropout, softmax and the optimizer are not
+  matmuls).
+
+Why written here: neither Lightning's profilers nor torch's FLOP counter answer "can this sweep fit in
+N minutes on this machine"; that needs the config's sweep size, the preset's stage and the machine's
+measured peak put together, which is all this does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_mim.losses import masked_token_loss
+from lightning_mim.nn.transformer import BidirectionalTransformer
+from lightning_mim.nn.vqgan import VQGAN, downsample_factor
+from lightning_mim.orchestration.config import compose
+from lightning_mim.tokens import TokenLayout
+
+
+def counted(fn) -> int:
+    """FLOPs FlopCounterMode sees while `fn()` runs (forward and backward)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def transformer_and_batch(cfg) -> tuple[BidirectionalTransformer, int, int]:
+    """The configured MaskGIT transformer, its codebook size and its sequence length (class + tokens)."""
+    codebook = int(cfg.tokenizer.arch.codebook_size)
+    side = int(cfg.data.image_size) // downsample_factor(cfg.tokenizer.arch.channel_multipliers)
+    layout = TokenLayout(codebook, max(1, int(cfg.data.num_classes)))
+    model = BidirectionalTransformer(
+        vocab_size=layout.vocab_size, n_positions=side * side + 1, codebook_size=codebook, **cfg.transformer
+    )
+    return model, codebook, side * side + 1
+
+
+def training_step(model: BidirectionalTransformer, optimizer, codebook: int, length: int, batch: int):
+    """One step as MaskGIT trains: about half the positions masked, loss on the masked ones, AdamW."""
+    ids = torch.randint(0, codebook, (batch, length))
+    targets = ids[:, 1:].clone()
+    mask = torch.rand(batch, length - 1) < 0.5
+
+    def step() -> None:
+        logits = model(ids)[:, 1:]
+        loss = masked_token_loss(logits, targets, mask, label_smoothing=0.1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def tokenizer_step(cfg) -> int:
+    """FLOPs of one digits_tokenizer training step (encode, quantize, decode, L2 loss, backward)."""
+    vqgan = VQGAN(**cfg.tokenizer.arch)
+    images = torch.rand(int(cfg.data.batch_size), 3, int(cfg.data.image_size), int(cfg.data.image_size))
+
+    def step() -> None:
+        q = vqgan.quantize(vqgan.encode(images))
+        (F.mse_loss(vqgan.decode(q.z_q), images) + q.loss).backward()
+
+    return counted(step)
+
+
+def matmul_rate(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an n x n float32 matmul on `threads` intra-op threads (best of `repeats`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    finally:
+        torch.set_num_threads(before)
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="train overrides (experiment=digits_maskgit is the default)")
+    parser.add_argument("--points", type=int, default=3, help="grid points (default 3: schedule=cosine,linear,sqrt)")
+    parser.add_argument("--target", type=float, default=600.0, help="the wall-time target in seconds (default 600)")
+    args = parser.parse_args(argv)
+
+    cfg = compose(args.overrides)
+    tokenizer_cfg = compose(["experiment=digits_tokenizer"])
+    seeds, steps, batch = int(cfg.sweep_seeds), int(cfg.trainer.max_steps), int(cfg.data.batch_size)
+    trials = args.points * seeds
+    cores = os.cpu_count() or 1
+
+    torch.manual_seed(0)
+    model, codebook, length = transformer_and_batch(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    step = training_step(model, optimizer, codebook, length, batch)
+    step_flops = counted(step)
+    model.eval()
+    samples, decode_steps = int(cfg.evaluation.num_samples), int(cfg.decode.steps)
+    with torch.no_grad():
+        pass_flops = counted(lambda: model(torch.randint(0, codebook, (samples, length))))
+    model.train()
+    tokenizer_flops = tokenizer_step(tokenizer_cfg) * int(tokenizer_cfg.trainer.max_steps)
+
+    rows = [
+        (f"tokenizer stage ({int(tokenizer_cfg.trainer.max_steps)} steps, once)", tokenizer_flops),
+        (f"training: {trials} trials x {steps} steps x {step_flops / 1e9:.2f} GFLOP", trials * steps * step_flops),
+        (f"final evaluations: {trials} x {decode_steps} passes x {samples} samples", trials * decode_steps * pass_flops),
+    ]
+    total = sum(f for _, f in rows)
+
+    one_thread = matmul_rate(1)
+    all_threads = matmul_rate(cores)
+    peak = max(one_thread * cores, all_threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(3):
+            step()
+        step_seconds = min(_timed(step) for _ in range(10))
+    finally:
+        torch.set_num_threads(before)
+
+    print(f"sweep: {' '.join(args.overrides) or 'experiment=digits_maskgit (defaults)'}; {args.points} points x "
+          f"{seeds} seeds = {trials} trials; torch {torch.__version__}, {cores} cores")
+    print(f"transformer: width {cfg.transformer.width}, depth {cfg.transformer.depth}, {length} positions, "
+          f"batch {batch}; FLOPs counted by torch.utils.flop_counter (matmuls, attention)")
+    print(f"{'work':<62} {'TFLOP':>8} {'share':>6}")
+    for label, flops in rows:
+        print(f"{label:<62} {flops / 1e12:8.2f} {flops / total:6.1%}")
+    print(f"{'total':<62} {total / 1e12:8.2f}")
+    print(f"matmul peak: {one_thread / 1e9:.1f} GFLOP/s on one thread ({cores} x = {one_thread * cores / 1e9:.1f}), "
+          f"{all_threads / 1e9:.1f} GFLOP/s on {cores} threads; peak used: {peak / 1e9:.1f} GFLOP/s")
+    print(f"one training step measured on one thread: {step_seconds * 1e3:.0f} ms = "
+          f"{step_flops / step_seconds / 1e9:.1f} GFLOP/s ({step_flops / step_seconds / one_thread:.0%} of the one-thread peak)")
+    floor = total / peak
+    at_step_rate = rows[0][1] / peak + (total - rows[0][1]) * step_seconds / step_flops / cores
+    print(f"floor (every FLOP at the peak on every core, nothing else): {floor:.0f} s = {floor / 60:.1f} min; "
+          f"target {args.target:.0f} s: {'below' if floor <= args.target else 'ABOVE'} it ({floor / args.target:.2f}x)")
+    print(f"at the measured step rate (trials {cores} at a time, one thread each; tokenizer at the peak): "
+          f"{at_step_rate:.0f} s = {at_step_rate / 60:.1f} min ({at_step_rate / args.target:.2f}x the target)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
