@@ -42,9 +42,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_mim.losses import masked_token_loss
 from lightning_mim.nn.transformer import BidirectionalTransformer
-from lightning_mim.nn.vqgan import VQGAN, downsample_factor
+from lightning_mim.nn.vqgan import VQGAN
 from lightning_mim.orchestration.config import compose
-from lightning_mim.tokens import TokenLayout
+from lightning_mim.tokens import TokenLayout, downsample_factor
 
 
 def counted(fn) -> int:

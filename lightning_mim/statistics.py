@@ -10,8 +10,14 @@ masks, the evaluation's samples) is the noise a difference between points has to
 - Difference: Welch's two-sample t-test (`scipy.stats.ttest_ind(equal_var=False)`), which does not
   assume equal variances across points; a difference is *resolved* at level α when p < α. Both sides
   need >= 2 values; otherwise the p-value is None ("not testable").
+- Paired difference: when two points evaluate the *same* trained models (they differ only in
+  inference-only settings such as `decode.steps`), seed i of one and seed i of the other share their
+  weights, so their values are correlated and Welch's independence assumption does not hold (it is
+  then conservative: the shared seed-to-seed spread counts as noise twice). The paired t-test
+  (`scipy.stats.ttest_rel`) tests the mean of the per-seed differences instead; it needs >= 2 pairs.
 
-scipy computes the quantiles and the test; this module only fixes the conventions (which interval,
+scipy computes the quantiles and the tests (imported where used: a sweep's workers and its
+`--prepare-only` never summarize, and scipy.stats is a second of start-up); this module only fixes the conventions (which interval,
 which test, what n = 1 means) so that the console table, the MLflow parent run and the notebook agree.
 """
 
@@ -21,7 +27,6 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from scipy import stats as scipy_stats
 
 CONFIDENCE = 0.95
 ALPHA = 0.05
@@ -61,6 +66,8 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Es
     if n < 2:
         return Estimate(mean, n, None, None)
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    from scipy import stats as scipy_stats
+
     half = float(scipy_stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * sd / math.sqrt(n)
     return Estimate(mean, n, mean - half, mean + half)
 
@@ -73,7 +80,25 @@ def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float | None:
         return None
     if max(xa) == min(xa) and max(xb) == min(xb):
         return 1.0 if xa[0] == xb[0] else 0.0
+    from scipy import stats as scipy_stats
+
     return float(scipy_stats.ttest_ind(xa, xb, equal_var=False).pvalue)
+
+
+def paired_p_value(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Two-sided p-value of the paired t-test for a zero mean of `a[i] - b[i]`; None with < 2 pairs.
+    All differences equal (zero variance): 1.0 if they are 0, else 0.0 (scipy returns NaN there)."""
+    xa, xb = _finite(a, "paired_p_value a"), _finite(b, "paired_p_value b")
+    if len(xa) != len(xb):
+        raise ValueError(f"paired_p_value: {len(xa)} values against {len(xb)}; pairs need equal lengths")
+    if len(xa) < 2:
+        return None
+    differences = [x - y for x, y in zip(xa, xb)]
+    if max(differences) == min(differences):
+        return 1.0 if differences[0] == 0 else 0.0
+    from scipy import stats as scipy_stats
+
+    return float(scipy_stats.ttest_rel(xa, xb).pvalue)
 
 
 def resolved(p_value: float | None, alpha: float = ALPHA) -> bool | None:

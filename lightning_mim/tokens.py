@@ -1,11 +1,22 @@
-"""The token-id layout shared by MaskGIT and MAGE: codes, then class slots, then the mask id.
+"""The token-id layout shared by MaskGIT and MAGE: codes, then class slots, then the mask id; and the
+token grid's cell size in pixels (`downsample_factor`).
 
 Official models: 1024 codes + 1000 class slots + 1 mask = vocabulary 2025, mask id 2024.
+Torch-free, so that config checks (`orchestration.schema`) can use it without importing torch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+
+def downsample_factor(channel_multipliers: Sequence[int]) -> int:
+    """Pixels per token cell along each side: one 2x down-sampling between consecutive levels,
+    2 ** (levels - 1) (the official [1, 1, 2, 2, 4] -> 16)."""
+    if not channel_multipliers:
+        raise ValueError("channel_multipliers must name at least one level")
+    return 2 ** (len(channel_multipliers) - 1)
 
 
 @dataclass(frozen=True)

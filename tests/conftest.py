@@ -84,9 +84,11 @@ def tiny_stage2_overrides(tiny_tokenizer: Path) -> list[str]:
 # Module-scoped fixtures too expensive to build twice (a 6-trial sweep, the uninterrupted reference runs).
 # The suite runs on 2 pytest-xdist workers with `--dist loadgroup` (README "Tests"): every test that uses
 # one of these is put in that fixture's group, so one worker builds it once and runs all of its readers.
+# (tryfirst: xdist reads the marks in its own collection hook, which would otherwise run before this one.)
 SHARED_FIXTURES = ("grid_sweep", "uninterrupted")
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         for name in SHARED_FIXTURES:

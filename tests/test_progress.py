@@ -9,8 +9,9 @@ import lightning.pytorch as pl
 import pytest
 
 from lightning_mim.callbacks._schedule import EvalSchedule
-from lightning_mim.orchestration import progress as progress_module
-from lightning_mim.orchestration.progress import SweepClock, TrialProgress, describe, format_duration
+from lightning_mim.orchestration import progress_callback as progress_module
+from lightning_mim.orchestration.progress import SweepClock, describe, format_duration
+from lightning_mim.orchestration.progress_callback import TrialProgress
 from lightning_mim.orchestration.protocol import PROGRESS_FILE, TrialContext, read_progress, write_progress
 from lightning_mim.orchestration.sweep import Sweep, _run_process, point_name
 from test_trial_cost import _module

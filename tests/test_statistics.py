@@ -16,7 +16,7 @@ from lightning_mim.orchestration.summary import (
     summarize,
     table_rows,
 )
-from lightning_mim.statistics import mean_interval, resolved, welch_p_value
+from lightning_mim.statistics import mean_interval, paired_p_value, resolved, welch_p_value
 
 COSINE = [2.99, 3.10, 3.25]
 LINEAR = [3.31, 4.65, 3.90]
@@ -118,3 +118,56 @@ def test_rows_read_back_give_the_same_estimates():
         assert back.keys() == point.estimates.keys()
         for name, estimate in point.estimates.items():
             assert format_estimate(back[name]) == format_estimate(estimate)
+
+
+# The steps sweep in README: the cosine models of seeds 0, 1, 2 evaluated at T = 4 and T = 12 (FID_domain).
+COSINE_T4 = [3.566, 4.641, 4.054]
+COSINE_T12 = [2.756, 3.221, 2.931]
+
+
+def test_paired_test_matches_scipy_and_edge_cases():
+    p = paired_p_value(COSINE_T4, COSINE_T12)
+    assert p == pytest.approx(stats.ttest_rel(COSINE_T4, COSINE_T12).pvalue, abs=1e-12)
+    assert p < 0.05 < welch_p_value(COSINE_T4, COSINE_T12)  # the shared seed-to-seed spread is not noise here
+    assert paired_p_value([1.0], [2.0]) is None
+    assert paired_p_value([1.0, 2.0], [1.0, 2.0]) == 1.0 and paired_p_value([1.0, 2.0], [2.0, 3.0]) == 0.0
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_p_value([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+def steps_outcomes(per_point: dict[tuple[str, str], list[float]]) -> list[TrialOutcome]:
+    out = []
+    for (schedule, steps), values in per_point.items():
+        for seed, value in enumerate(values):
+            params = {"schedule": schedule, "decode.steps": steps, "seed": str(seed)}
+            out.append(TrialOutcome(len(out), params, "COMPLETE", value, {"val/fid_domain": value}))
+    return out
+
+
+def test_points_sharing_their_trained_models_are_compared_paired_by_seed():
+    """decode.steps is inference-only: cosine at T=4 and T=12 are the same three models evaluated two
+    ways, so the comparison pairs them by seed; linear was trained differently, so it stays Welch's."""
+    trials = steps_outcomes({("cosine", "12"): COSINE_T12, ("cosine", "4"): COSINE_T4, ("linear", "12"): LINEAR})
+    inference_only = lambda key: key.startswith("decode.")  # noqa: E731  (SweepSpec.is_inference_only's default)
+    points = summarize(trials, "val/fid_domain", "minimize", inference_only=inference_only)
+    best, linear, t4 = points  # means 2.97, 3.95, 4.09
+    assert best.params == {"schedule": "cosine", "decode.steps": "12"} and best.test is None
+    assert t4.test == "paired" and t4.p_vs_best == pytest.approx(stats.ttest_rel(COSINE_T4, COSINE_T12).pvalue)
+    assert format_comparison(t4) == f"p={t4.p_vs_best:.2g} resolved (paired)"
+    assert linear.test == "welch" and linear.p_vs_best == pytest.approx(welch_p_value(LINEAR, COSINE_T12))
+    assert [row["test"] for row in table_rows(points, "val/fid_domain")] == [None, "welch", "paired"]
+    from lightning_mim.orchestration.summary import comparison_legend
+
+    assert "paired t-test by seed" in comparison_legend(points)
+    # without knowing which keys are inference-only every comparison is Welch's, as before
+    plain = summarize(trials, "val/fid_domain", "minimize")
+    assert [p.test for p in plain[1:]] == ["welch", "welch"] and "paired" not in comparison_legend(plain)
+    # pairs are matched by seed: a point missing a seed pairs over the seeds both have (here 2)
+    partial = [t for t in trials if not (t.params["decode.steps"] == "4" and t.params["seed"] == "1")]
+    summaries = summarize(partial, "val/fid_domain", "minimize", inference_only=inference_only)
+    t4_partial = next(p for p in summaries if p.params["decode.steps"] == "4")
+    kept = [0, 2]
+    assert t4_partial.test == "paired"
+    assert t4_partial.p_vs_best == pytest.approx(
+        stats.ttest_rel([COSINE_T4[i] for i in kept], [COSINE_T12[i] for i in kept]).pvalue
+    )

@@ -367,8 +367,11 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(tmp_path, tiny_stage2_overr
     home = tmp_path
     args = ["schedule=cosine,linear", *tiny_stage2_overrides]
     env = {**os.environ, "LIGHTNING_MIM_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    # Python keeps SIGINT ignored when it starts with it ignored, as pytest-xdist's workers run (and as a
+    # shell runs `cmd &`): the driver gets the default disposition back, as in a terminal.
     proc = subprocess.Popen([sys.executable, "-m", "lightning_mim.sweep", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and not list((home / "sweeps").glob("*/trial-0000/train.log")):
         time.sleep(0.5)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_mim.nn.quantizer import QuantizerOutput, VectorQuantizer
+from lightning_mim.tokens import downsample_factor
 
 
 def official_maskgit_f16_config() -> dict[str, Any]:
@@ -46,14 +47,6 @@ def official_maskgit_f16_config() -> dict[str, Any]:
         norm_eps=1e-6,
         quantizer={},
     )
-
-
-def downsample_factor(channel_multipliers: Sequence[int]) -> int:
-    """Pixels per token cell along each side: one 2x down-sampling between consecutive levels,
-    2 ** (levels - 1) (the official [1, 1, 2, 2, 4] -> 16)."""
-    if not channel_multipliers:
-        raise ValueError("channel_multipliers must name at least one level")
-    return 2 ** (len(channel_multipliers) - 1)
 
 
 def group_norm(channels: int, groups: int, eps: float) -> nn.GroupNorm:

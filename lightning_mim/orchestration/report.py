@@ -9,7 +9,8 @@ is named) under `<home>/sweeps/<study>/report/`, and logged to the sweep's MLflo
   series per value of the other axes, error bars the 95 % interval over seeds when there are seeds;
 - `samples.png`: the class grid each grid point's model drew at the end of its training, side by side;
 - for search-space sweeps, Optuna's own matplotlib plots: `history.png`, `slice.png`, `importances.png`;
-- `summary.md`: the sweep's table (mean ± 95 % interval, Welch's test against the best point).
+- `summary.md`: the sweep's table (mean ± 95 % interval, Welch's test against the best point; paired by
+  seed where both points evaluate the same trained models).
 
 The numbers come from the study itself (`summary.summarize` of its trials), so they are the console
 table's. The notebook `notebooks/ablations.ipynb` calls these same functions.
@@ -36,6 +37,7 @@ from lightning_mim.orchestration.summary import (
     REPORTED_METRICS,
     SEED_KEY,
     PointSummary,
+    comparison_legend,
     format_comparison,
     format_estimate,
     outcomes_from_optuna,
@@ -72,8 +74,14 @@ class Study:
     def is_search(self) -> bool:
         return bool(self.spec.get("search"))
 
+    @property
+    def inference_only_spec(self) -> SweepSpec:
+        """A SweepSpec holding only the study's inference-only patterns (what `is_inference_only` needs)."""
+        return SweepSpec(inference_only=list(self.spec.get("inference_only") or DEFAULT_INFERENCE_ONLY))
+
     def points(self) -> list[PointSummary]:
-        return summarize(outcomes_from_optuna(self.trials), self.objective, self.direction)
+        return summarize(outcomes_from_optuna(self.trials), self.objective, self.direction,
+                         inference_only=self.inference_only_spec.is_inference_only)
 
     @property
     def parent_run_id(self) -> str | None:
@@ -190,22 +198,18 @@ def draw_axis_figure(study: Study, points: Sequence[PointSummary], axis: str, pa
 
 
 # -- the points' samples, side by side ---------------------------------------------------------------------
-def _inference_only(study: Study, key: str) -> bool:
-    spec = SweepSpec(inference_only=list(study.spec.get("inference_only") or DEFAULT_INFERENCE_ONLY))
-    return spec.is_inference_only(key)
-
-
 def sample_grids(study: Study) -> dict[str, Path]:
     """{trained point: the last class-grid picture its model drew}, one per trained model of seed 0.
     Inference-only axes (`decode.*`) are not part of the label: the pictures were drawn during training,
     with the training run's decode settings."""
     found: dict[str, Path] = {}
+    inference_only = study.inference_only_spec.is_inference_only
     for trial in study.trials:
         checkpoint = trial.user_attrs.get("checkpoint")
         if trial.state.name != "COMPLETE" or not checkpoint or str(trial.params.get(SEED_KEY, "0")) != "0":
             continue
         pictures = sorted((Path(checkpoint).parents[1] / "pictures" / "class_grid").glob("step_*.png"))
-        trained = {k: v for k, v in sorted(trial.params.items()) if k != SEED_KEY and not _inference_only(study, k)}
+        trained = {k: v for k, v in sorted(trial.params.items()) if k != SEED_KEY and not inference_only(k)}
         label = " ".join(f"{k}={v}" for k, v in trained.items()) or "all"
         if pictures:
             found.setdefault(label, pictures[-1])
@@ -275,7 +279,7 @@ def summary_markdown(study: Study, points: Sequence[PointSummary]) -> str:
     lines = [
         f"# {study.name}: {study.objective} ({study.direction})",
         "",
-        "mean ± half-width of the 95 % interval over seeds (Student t); vs best: Welch's t-test at α = 0.05",
+        f"mean ± half-width of the 95 % interval over seeds (Student t); vs best: {comparison_legend(points)}",
         "",
         "| " + " | ".join([*axes, "seeds", *metrics, "vs best"]) + " |",
         "|" + "---|" * (len(axes) + len(metrics) + 2),

@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lightning_mim.nn.vqgan import downsample_factor
+from lightning_mim.tokens import downsample_factor
 from lightning_mim.orchestration.config import ConfigError
 
 Problem = tuple[str, Any, str]  # (dotted key, value, what is allowed)

@@ -1,5 +1,6 @@
 """A sweep's result per grid point: the seeds of a point pooled into mean ± 95 % interval, and each
-point tested against the best one (`lightning_mim.statistics`: Student-t interval, Welch's t-test).
+point tested against the best one (`lightning_mim.statistics`: Student-t interval; Welch's t-test, or the
+paired t-test by seed when both points evaluate the same trained models).
 
 One function, `summarize`, computes what the console table (`orchestration.sweep.print_summary`), the
 MLflow parent run (`log_to_parent`) and the notebook show, so the three agree by construction.
@@ -10,11 +11,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from lightning_mim.statistics import ALPHA, Estimate, mean_interval, resolved, welch_p_value
+from lightning_mim.statistics import ALPHA, Estimate, mean_interval, paired_p_value, resolved, welch_p_value
 
 SEED_KEY = "seed"
+WELCH, PAIRED = "welch", "paired"  # PointSummary.test: which test gave p_vs_best
 REPORTED_METRICS = ("val/fid_domain", "val/cas", "val/is_domain", "val/loss")
 TABLE_ARTIFACT = "points.json"
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_/. -]")  # MLflow metric names allow only these characters
@@ -44,6 +46,7 @@ class PointSummary:
     is_best: bool
     p_vs_best: float | None
     resolved_vs_best: bool | None
+    test: str | None = None  # WELCH or PAIRED for the other points; None for the best one
 
     def label(self) -> str:
         return ",".join(f"{k}={v}" for k, v in sorted(self.params.items())) or "all"
@@ -70,14 +73,17 @@ def summarize(
     direction: str,
     metrics: Sequence[str] = REPORTED_METRICS,
     alpha: float = ALPHA,
+    inference_only: Callable[[str], bool] | None = None,
 ) -> list[PointSummary]:
     """Pool the COMPLETE trials by grid point (params without `seed`), best point first.
 
     Per point: an Estimate of the objective (the trial's recorded metric of that name, else its Optuna
     value) and of every metric in `metrics` that its trials report;
-    the best point has the best mean objective (`direction`); every other point gets the Welch
-    p-value of its objective values against the best point's and whether the difference is resolved
-    at `alpha` (None when either point has fewer than 2 seeds).
+    the best point has the best mean objective (`direction`); every other point gets the p-value of
+    its objective values against the best point's and whether the difference is resolved at `alpha`
+    (None when not testable). The test is the paired t-test over the seeds both points have when
+    they differ only in keys `inference_only(key)` says are inference-only (the same trained models,
+    evaluated two ways) and share >= 2 seeds; Welch's t-test otherwise (None below 2 seeds a side).
     """
     if direction not in ("minimize", "maximize"):
         raise ValueError(f"direction must be minimize or maximize, got {direction!r}")
@@ -90,6 +96,8 @@ def summarize(
     if not groups:
         return []
     names = [objective, *(m for m in metrics if m != objective)]
+    by_seed = {key: {o.params.get(SEED_KEY, ""): float(o.metrics.get(objective, o.value)) for o in members}
+               for key, members in groups.items()}
     pooled = []
     for key, members in groups.items():
         values: dict[str, list[float]] = {objective: [float(o.metrics.get(objective, o.value)) for o in members]}
@@ -100,10 +108,18 @@ def summarize(
         pooled.append((dict(key), members, values, {n: mean_interval(v) for n, v in values.items()}))
     sign = 1 if direction == "minimize" else -1
     pooled.sort(key=lambda p: (sign * p[3][objective].mean, str(sorted(p[0].items()))))
-    best_values = pooled[0][2][objective]
+    best_params, best_values = pooled[0][0], pooled[0][2][objective]
+    best_by_seed = by_seed[tuple(sorted(best_params.items()))]
     summaries = []
     for index, (params, members, values, estimates) in enumerate(pooled):
-        p = None if index == 0 else welch_p_value(values[objective], best_values)
+        p, test = None, None
+        if index > 0:
+            own = by_seed[tuple(sorted(params.items()))]
+            common = sorted(set(own) & set(best_by_seed))
+            if _same_models(params, best_params, inference_only) and len(common) >= 2:
+                p, test = paired_p_value([own[s] for s in common], [best_by_seed[s] for s in common]), PAIRED
+            else:
+                p, test = welch_p_value(values[objective], best_values), WELCH
         summaries.append(
             PointSummary(
                 params=params,
@@ -114,9 +130,26 @@ def summarize(
                 is_best=index == 0,
                 p_vs_best=p,
                 resolved_vs_best=None if index == 0 else resolved(p, alpha),
+                test=test,
             )
         )
     return summaries
+
+
+def _same_models(a: Mapping[str, str], b: Mapping[str, str], inference_only: Callable[[str], bool] | None) -> bool:
+    """Whether two points evaluate the same trained models: every key on which they differ is inference-only."""
+    if inference_only is None:
+        return False
+    differing = {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
+    return bool(differing) and all(inference_only(k) for k in differing)
+
+
+def comparison_legend(summaries: Sequence[PointSummary], alpha: float = ALPHA) -> str:
+    """How the "vs best" column was tested, for the table's title: Welch's test, and the paired one where used."""
+    legend = f"Welch t-test at α = {alpha}"
+    if any(p.test == PAIRED for p in summaries):
+        legend += " (paired t-test by seed where the points share their trained models)"
+    return legend
 
 
 def format_estimate(estimate: Estimate | None, digits: int = 4) -> str:
@@ -129,17 +162,19 @@ def format_estimate(estimate: Estimate | None, digits: int = 4) -> str:
 
 
 def format_comparison(point: PointSummary) -> str:
-    """`best`, `p=0.003 resolved`, `p=0.41 not resolved`, or `n/a (1 seed)`."""
+    """`best`, `p=0.003 resolved`, `p=0.41 not resolved`, `p=0.024 resolved (paired)`, or `n/a (needs 2+ seeds)`."""
     if point.is_best:
         return "best"
     if point.p_vs_best is None:
         return "n/a (needs 2+ seeds)"
-    return f"p={point.p_vs_best:.2g} {'resolved' if point.resolved_vs_best else 'not resolved'}"
+    paired = " (paired)" if point.test == PAIRED else ""
+    return f"p={point.p_vs_best:.2g} {'resolved' if point.resolved_vs_best else 'not resolved'}{paired}"
 
 
 def table_rows(summaries: Sequence[PointSummary], objective: str) -> list[dict[str, Any]]:
     """One plain row per point (the MLflow table artifact and the notebook read these columns):
-    the params, `n_seeds`, `<metric> mean / ci_low / ci_high` for every estimate, `p_vs_best`, `resolved`."""
+    the params, `n_seeds`, `<metric> mean / ci_low / ci_high` for every estimate, `p_vs_best`, `test`
+    (welch / paired; None for the best point), `resolved`."""
     rows = []
     for point in summaries:
         row: dict[str, Any] = {**point.params, "point": point.label(), "n_seeds": len(point.values[objective])}
@@ -148,6 +183,7 @@ def table_rows(summaries: Sequence[PointSummary], objective: str) -> list[dict[s
             row[f"{name} ci_low"] = estimate.low
             row[f"{name} ci_high"] = estimate.high
         row["p_vs_best"] = point.p_vs_best
+        row["test"] = point.test
         row["resolved"] = "best" if point.is_best else point.resolved_vs_best
         rows.append(row)
     return rows

@@ -51,6 +51,7 @@ from lightning_mim.orchestration.stages import cached
 from lightning_mim.orchestration.summary import (
     REPORTED_METRICS,
     SEED_KEY,
+    comparison_legend,
     format_comparison,
     format_estimate,
     log_to_parent,
@@ -59,7 +60,6 @@ from lightning_mim.orchestration.summary import (
 )
 from lightning_mim.orchestration.sweep_spec import SweepSpec, named_sweeps, parse, search_space_for_tpe, write_spec
 from lightning_mim.orchestration.tracking import compare_runs_url, ensure_experiment, runs_table_url, ui_command
-from lightning_mim.statistics import ALPHA
 
 HEARTBEAT_SECONDS = 30
 
@@ -539,7 +539,8 @@ class Sweep:
             for key, value in best.params.items():
                 client.set_tag(parent, f"best.{key}", str(value))
             # the per-point aggregates over seeds: the numbers of the console table
-            points = summarize(outcomes_from_optuna(trials), self.spec.objective, self.spec.direction)
+            points = summarize(outcomes_from_optuna(trials), self.spec.objective, self.spec.direction,
+                               inference_only=self.spec.is_inference_only)
             log_to_parent(client, parent, points, self.spec.objective)
             client.set_tag(parent, "best_point", points[0].label())
             client.set_tag(parent, "seeds_per_point", str(self.spec.seeds))
@@ -563,20 +564,20 @@ class Sweep:
 
 def print_summary(sweep: Sweep, trials: list[optuna.trial.FrozenTrial]) -> None:
     """The per-point table (`orchestration.summary`: mean ± 95 % interval over seeds, Welch's test
-    against the best point), the trials that did not complete, and how to open the runs in MLflow."""
+    against the best point, paired by seed between points that share their trained models), the trials that did not complete, and how to open the runs in MLflow."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 200)  # logs and CI: don't squash columns
     spec = sweep.spec
     outcomes = outcomes_from_optuna(trials)
-    points = summarize(outcomes, spec.objective, spec.direction)
+    points = summarize(outcomes, spec.objective, spec.direction, inference_only=spec.is_inference_only)
     axes = sorted({k for o in outcomes for k in o.params if k != SEED_KEY})
     shown = [spec.objective, *(m for m in REPORTED_METRICS if m != spec.objective)]
     shown = [m for m in shown if any(m in p.estimates for p in points)] or [spec.objective]
     table = Table(
         title=f"sweep {sweep.study_name} — {spec.objective} ({spec.direction}); mean ± 95 % CI over seeds "
-        f"(Student t), vs best: Welch t-test at α = {ALPHA}"
+        f"(Student t), vs best: {comparison_legend(points)}"
     )
     for column in [*axes, "seeds", *shown, "vs best"]:
         table.add_column(column, justify="left" if column in axes else "right")
@@ -630,7 +631,8 @@ HELP = """usage: python -m lightning_mim.sweep [sweep=NAME] [AXIS=a,b,c ...] [KE
   sweep=NAME                       named study from sweeps/NAME.yaml: {names}
   sweep.objective=val/fid_domain   metric to optimise (sweep.direction=minimize|maximize)
   sweep.seeds=3                    train every grid point with seeds 0..2; the table shows mean ± 95 % CI
-                                   and Welch's test against the best point (default: the preset's
+                                   and Welch's test against the best point, paired by seed where both
+                                   points evaluate the same models (default: the preset's
                                    sweep_seeds, 3 for digits_*, 1 for imagenet256_*)
   sweep.jobs=2                     run 2 trials at once on this machine (worker processes sharing the study,
                                    the cores shared out; default: the preset's sweep_jobs, 2 for digits_*)
