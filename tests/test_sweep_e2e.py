@@ -359,6 +359,9 @@ def test_jobs_run_trials_in_parallel_worker_processes(tmp_path, tiny_stage2_over
     assert not any("database is locked" in text for text in logs)
     for schedule in ("cosine", "sqrt", "linear", "square"):  # the table lists the other workers' trials too
         assert schedule in proc.stdout
+    again = run_module("lightning_mim.sweep", args, home)  # finished: the rerun starts no helper worker
+    assert "0 to run" in again.stdout and "waiting for" not in again.stdout
+    assert len(list((home / "sweeps").glob("*/worker-*.log"))) == 3
 
 
 def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(tmp_path, tiny_stage2_overrides):

@@ -440,6 +440,13 @@ class Sweep:
         self.parent_run_id(study)
         return study
 
+    def has_work(self) -> bool:
+        """Whether a run of this sweep would train or evaluate anything: points left, or trials of a
+        killed run (RUNNING, WAITING) that `run` recovers. False for a finished sweep run again."""
+        study = self.prepare()
+        unfinished = (TrialState.RUNNING, TrialState.WAITING)
+        return self.remaining(study) > 0 or any(t.state in unfinished for t in study.get_trials(deepcopy=False))
+
     def run(self, finish: bool = True) -> list[optuna.trial.FrozenTrial]:
         """Run trials until the study is done; with `finish`, then write the parent run's aggregates
         (a `sweep.jobs` helper worker leaves that to the command that started it)."""
@@ -705,7 +712,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.time()
     workers: list[subprocess.Popen] = []
     try:
-        if spec.jobs > 1:
+        if spec.jobs > 1 and sweep.has_work():  # a finished sweep's rerun needs no helpers (nor stages)
             prepare_shared_stages(sweep)
             workers = start_local_workers(sweep, argv, spec.jobs)
         trials = sweep.run(finish=not (helper or workers))
