@@ -17,8 +17,9 @@ masks, the evaluation's samples) is the noise a difference between points has to
   (`scipy.stats.ttest_rel`) tests the mean of the per-seed differences instead; it needs >= 2 pairs.
 
 scipy computes the quantiles and the tests (imported where used: a sweep's workers and its
-`--prepare-only` never summarize, and scipy.stats is a second of start-up); this module only fixes the conventions (which interval,
-which test, what n = 1 means) so that the console table, the MLflow parent run and the notebook agree.
+`--prepare-only` never summarize, and scipy.stats is a second of start-up); this module only fixes
+the conventions (which interval, which test, what n = 1 means) so that the console table, the MLflow
+parent run and the notebook agree.
 """
 
 from __future__ import annotations
