@@ -11,7 +11,8 @@ else (no data, no LayerNorm/GELU/dropout, no process start-up, no evaluation met
 
 What it prints, and how each number is obtained:
 - FLOPs per step: `torch.utils.flop_counter.FlopCounterMode` around one real training step of the
-  configured transformer (forward, label-smoothed masked-token loss, backward) at the preset's batch;
+  configured module (`masked_loss`: its masking, forward and masked-token loss; backward; AdamW) at the
+  preset's batch;
   the counter counts matmuls, batched matmuls and attention, i.e. everything the floor can charge;
 - tokenizer stage: the same count for one step of the configured VQGAN (encode, quantize, decode, L2
   loss, backward) times `digits_tokenizer`'s steps;
@@ -38,13 +39,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_mim.losses import masked_token_loss
-from lightning_mim.nn.transformer import BidirectionalTransformer
 from lightning_mim.nn.vqgan import VQGAN
 from lightning_mim.orchestration.config import compose
-from lightning_mim.tokens import TokenLayout, downsample_factor
 
 
 def counted(fn) -> int:
@@ -54,26 +53,21 @@ def counted(fn) -> int:
     return counter.get_total_flops()
 
 
-def transformer_and_batch(cfg) -> tuple[BidirectionalTransformer, int, int]:
-    """The configured MaskGIT transformer, its codebook size and its sequence length (class + tokens)."""
-    codebook = int(cfg.tokenizer.arch.codebook_size)
-    side = int(cfg.data.image_size) // downsample_factor(cfg.tokenizer.arch.channel_multipliers)
-    layout = TokenLayout(codebook, max(1, int(cfg.data.num_classes)))
-    model = BidirectionalTransformer(
-        vocab_size=layout.vocab_size, n_positions=side * side + 1, codebook_size=codebook, **cfg.transformer
-    )
-    return model, codebook, side * side + 1
+def maskgit_module(cfg):
+    """The configured stage-2 module, as `train` builds it (an untrained tokenizer: FLOPs do not depend
+    on its weights, and a sweep's training steps read memoised token grids, not images)."""
+    cfg.tokenizer.ckpt = None
+    return instantiate(cfg.model, _recursive_=False, _convert_="all")
 
 
-def training_step(model: BidirectionalTransformer, optimizer, codebook: int, length: int, batch: int):
-    """One step as MaskGIT trains: about half the positions masked, loss on the masked ones, AdamW."""
-    ids = torch.randint(0, codebook, (batch, length))
-    targets = ids[:, 1:].clone()
-    mask = torch.rand(batch, length - 1) < 0.5
+def training_step(module, batch: int):
+    """One step as the module trains: its own masking and masked-token loss, then AdamW."""
+    tokens = torch.randint(0, module.layout.codebook_size, (batch, module.n_tokens))
+    labels = torch.randint(0, max(1, module.num_classes), (batch,))
+    optimizer = torch.optim.AdamW(module.transformer.parameters(), lr=1e-3)
 
     def step() -> None:
-        logits = model(ids)[:, 1:]
-        loss = masked_token_loss(logits, targets, mask, label_smoothing=0.1)
+        loss, _ = module.masked_loss((tokens, labels))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -126,15 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
 
     torch.manual_seed(0)
-    model, codebook, length = transformer_and_batch(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    step = training_step(model, optimizer, codebook, length, batch)
+    module = maskgit_module(cfg)
+    step = training_step(module, batch)
     step_flops = counted(step)
-    model.eval()
+    module.eval()
     samples, decode_steps = int(cfg.evaluation.num_samples), int(cfg.decode.steps)
+    tokens = torch.randint(0, module.layout.codebook_size, (samples, module.n_tokens))
     with torch.no_grad():
-        pass_flops = counted(lambda: model(torch.randint(0, codebook, (samples, length))))
-    model.train()
+        pass_flops = counted(lambda: module.logits(tokens, module.class_tokens(None, samples)))
+    module.train()
     tokenizer_flops = tokenizer_step(tokenizer_cfg) * int(tokenizer_cfg.trainer.max_steps)
 
     rows = [
@@ -158,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"sweep: {' '.join(args.overrides) or 'experiment=digits_maskgit (defaults)'}; {args.points} points x "
           f"{seeds} seeds = {trials} trials; torch {torch.__version__}, {cores} cores")
-    print(f"transformer: width {cfg.transformer.width}, depth {cfg.transformer.depth}, {length} positions, "
+    print(f"transformer: width {cfg.transformer.width}, depth {cfg.transformer.depth}, {module.n_tokens + 1} positions, "
           f"batch {batch}; FLOPs counted by torch.utils.flop_counter (matmuls, attention)")
     print(f"{'work':<62} {'TFLOP':>8} {'share':>6}")
     for label, flops in rows:

@@ -50,11 +50,11 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from lightning_mim.tokens import downsample_factor
 from lightning_mim.orchestration.config import ConfigError, parse_overrides, report_config_error, usage_status
 from lightning_mim.orchestration.evaluate import base_config, load_module
 from lightning_mim.orchestration.noise import filter_known_noise
 from lightning_mim.orchestration.schema import format_problem
+from lightning_mim.tokens import downsample_factor
 
 TASKS = ("inpaint", "outpaint", "class_edit")
 # key -> the tasks it applies to (None: every task)

@@ -20,8 +20,8 @@ from typing import Any, Literal, Optional
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lightning_mim.tokens import downsample_factor
 from lightning_mim.orchestration.config import ConfigError
+from lightning_mim.tokens import downsample_factor
 
 Problem = tuple[str, Any, str]  # (dotted key, value, what is allowed)
 

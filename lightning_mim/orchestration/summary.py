@@ -96,30 +96,27 @@ def summarize(
     if not groups:
         return []
     names = [objective, *(m for m in metrics if m != objective)]
-    by_seed = {key: {o.params.get(SEED_KEY, ""): float(o.metrics.get(objective, o.value)) for o in members}
-               for key, members in groups.items()}
     pooled = []
     for key, members in groups.items():
         values: dict[str, list[float]] = {objective: [float(o.metrics.get(objective, o.value)) for o in members]}
+        by_seed = dict(zip((o.params.get(SEED_KEY, "") for o in members), values[objective]))  # for paired tests
         for name in names[1:]:
             got = [float(o.metrics[name]) for o in members if name in o.metrics and math.isfinite(o.metrics[name])]
             if got:
                 values[name] = got
-        pooled.append((dict(key), members, values, {n: mean_interval(v) for n, v in values.items()}))
+        pooled.append((dict(key), members, values, {n: mean_interval(v) for n, v in values.items()}, by_seed))
     sign = 1 if direction == "minimize" else -1
     pooled.sort(key=lambda p: (sign * p[3][objective].mean, str(sorted(p[0].items()))))
-    best_params, best_values = pooled[0][0], pooled[0][2][objective]
-    best_by_seed = by_seed[tuple(sorted(best_params.items()))]
+    best_params, _, best, _, best_by_seed = pooled[0]
     summaries = []
-    for index, (params, members, values, estimates) in enumerate(pooled):
+    for index, (params, members, values, estimates, by_seed) in enumerate(pooled):
         p, test = None, None
         if index > 0:
-            own = by_seed[tuple(sorted(params.items()))]
-            common = sorted(set(own) & set(best_by_seed))
+            common = sorted(set(by_seed) & set(best_by_seed))
             if _same_models(params, best_params, inference_only) and len(common) >= 2:
-                p, test = paired_p_value([own[s] for s in common], [best_by_seed[s] for s in common]), PAIRED
+                p, test = paired_p_value([by_seed[s] for s in common], [best_by_seed[s] for s in common]), PAIRED
             else:
-                p, test = welch_p_value(values[objective], best_values), WELCH
+                p, test = welch_p_value(values[objective], best[objective]), WELCH
         summaries.append(
             PointSummary(
                 params=params,

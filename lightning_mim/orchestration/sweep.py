@@ -440,10 +440,9 @@ class Sweep:
         self.parent_run_id(study)
         return study
 
-    def has_work(self) -> bool:
+    def has_work(self, study: optuna.Study) -> bool:
         """Whether a run of this sweep would train or evaluate anything: points left, or trials of a
         killed run (RUNNING, WAITING) that `run` recovers. False for a finished sweep run again."""
-        study = self.prepare()
         unfinished = (TrialState.RUNNING, TrialState.WAITING)
         return self.remaining(study) > 0 or any(t.state in unfinished for t in study.get_trials(deepcopy=False))
 
@@ -571,7 +570,8 @@ class Sweep:
 
 def print_summary(sweep: Sweep, trials: list[optuna.trial.FrozenTrial]) -> None:
     """The per-point table (`orchestration.summary`: mean ± 95 % interval over seeds, Welch's test
-    against the best point, paired by seed between points that share their trained models), the trials that did not complete, and how to open the runs in MLflow."""
+    against the best point, paired by seed between points that share their trained models), the
+    trials that did not complete, and how to open the runs in MLflow."""
     from rich.console import Console
     from rich.table import Table
 
@@ -674,11 +674,10 @@ def prepare_shared_stages(sweep: Sweep) -> None:
 
 def start_local_workers(sweep: Sweep, argv: Sequence[str], jobs: int) -> list[subprocess.Popen]:
     """`sweep.jobs=N`: N-1 more workers of this same sweep on this machine (the multi-worker path of a
-    cluster, on one host), so N trials train at once. The study and the MLflow parent run are created
-    first, so the workers do not race for them. Unless OMP_NUM_THREADS is set, the cores are shared out:
+    cluster, on one host), so N trials train at once. The caller has created the study and the MLflow
+    parent run (`Sweep.prepare`), so the workers do not race for them. Unless OMP_NUM_THREADS is set, the cores are shared out:
     tiny models use one core better than two (digits MaskGIT: two one-core trials train 1.25x faster than
     one two-core trial), so N trials at cores/N threads beat one trial on all the cores."""
-    sweep.prepare()
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     args = [sys.executable, "-m", "lightning_mim.sweep", *(a for a in argv if not a.startswith("sweep.jobs=")), "sweep.jobs=1",
             HELPER_FLAG]
@@ -712,7 +711,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.time()
     workers: list[subprocess.Popen] = []
     try:
-        if spec.jobs > 1 and sweep.has_work():  # a finished sweep's rerun needs no helpers (nor stages)
+        # helpers (and the shared stages first) only when there is work: a finished sweep's rerun needs none
+        if spec.jobs > 1 and sweep.has_work(sweep.prepare()):
             prepare_shared_stages(sweep)
             workers = start_local_workers(sweep, argv, spec.jobs)
         trials = sweep.run(finish=not (helper or workers))
