@@ -97,6 +97,21 @@ def test_eval_schedule_fires_at_the_last_step_or_epoch():
     assert not off.at_train_batch_end(SimpleNamespace(global_step=7, current_epoch=0, sanity_checking=False, max_steps=7))
 
 
+def test_eval_schedule_fires_when_a_run_at_its_budget_is_validated_on_its_own():
+    """A run resumed from a checkpoint taken at its last step trains nothing; `trainer.validate` then
+    stands in for its end: the final measurement fires there, once, and never in fit's own validations."""
+    def trainer(fn, step):
+        return SimpleNamespace(global_step=step, current_epoch=1, sanity_checking=False, max_steps=6, max_epochs=-1,
+                               state=SimpleNamespace(fn=fn))
+
+    schedule = EvalSchedule(every_n_epochs=None, every_n_steps=None)
+    assert not schedule.at_validation_end(trainer("fit", 6))  # fit's validation at the end: the batch-end hook measured
+    assert schedule.at_validation_end(trainer("validate", 6))
+    assert not schedule.at_validation_end(trainer("validate", 6))  # once per step
+    assert not EvalSchedule(every_n_epochs=None).at_validation_end(trainer("validate", 5))  # short of its budget
+    assert not EvalSchedule(every_n_epochs=None, at_end=False).at_validation_end(trainer("validate", 6))
+
+
 def test_eval_schedule():
     s = EvalSchedule(every_n_epochs=2, every_n_steps=None)
     assert not s.at_validation_end(_fake_trainer(5, epoch=0))

@@ -10,10 +10,10 @@ import pytest
 
 from lightning_mim.callbacks._schedule import EvalSchedule
 from lightning_mim.orchestration import progress_callback as progress_module
-from lightning_mim.orchestration.progress import SweepClock, describe, format_duration
+from lightning_mim.orchestration.sweep_console import SweepClock, describe, format_duration, point_name, running_trials
 from lightning_mim.orchestration.progress_callback import TrialProgress
 from lightning_mim.orchestration.protocol import PROGRESS_FILE, TrialContext, read_progress, write_progress
-from lightning_mim.orchestration.sweep import Sweep, _run_process, point_name
+from lightning_mim.orchestration.launchers import run_local
 from test_trial_cost import _module
 from _fakes import SyntheticImageDataModule
 
@@ -74,21 +74,19 @@ def test_the_eta_comes_from_the_median_finished_trial_and_the_workers():
 
 
 def test_the_console_line_lists_every_fresh_running_trial(tmp_path):
-    sweep = Sweep.__new__(Sweep)  # only the sweep directory matters here
-    sweep.sweep_dir = tmp_path
     write_progress(tmp_path / "trial-0003" / PROGRESS_FILE, "training", step=450, max_steps=600, loss=3.9)
     write_progress(tmp_path / "trial-0004" / PROGRESS_FILE, "evaluation", step=600, max_steps=600)
     write_progress(tmp_path / "trial-0001" / PROGRESS_FILE, "done", step=600, max_steps=600)
     write_progress(tmp_path / "trial-0000" / PROGRESS_FILE, "training", step=5, max_steps=600)
     stale = read_progress(tmp_path / "trial-0000" / PROGRESS_FILE)
     (tmp_path / "trial-0000" / PROGRESS_FILE).write_text(__import__("json").dumps({**stale, "time": time.time() - 3600}))
-    line = sweep._running_trials("ETA 4m10s")
+    line = running_trials(tmp_path, "ETA 4m10s")
     assert line == "trial 3: training 450/600 loss 3.900 | trial 4: evaluation at step 600 | ETA 4m10s"
 
 
 def test_the_driver_refreshes_while_a_trial_runs(tmp_path):
     calls = []
-    _run_process([sys.executable, "-c", "import time; time.sleep(2.5)"], tmp_path / "log.txt", {}, lambda: calls.append(1))
+    run_local([sys.executable, "-c", "import time; time.sleep(2.5)"], tmp_path / "log.txt", {}, lambda: calls.append(1))
     assert len(calls) >= 1
 
 
@@ -122,3 +120,37 @@ def test_known_library_noise_is_filtered_and_the_rest_is_not(caplog):
         logger.info("💡 Tip: For seamless cloud logging ... try installing [litlogger](https://pypi.org/project/litlogger/)")
         logger.info("`Trainer.fit` stopped: `max_steps=6` reached.")
     assert [r.getMessage() for r in caplog.records] == ["`Trainer.fit` stopped: `max_steps=6` reached."]
+
+
+def test_results_record_metrics_at_float32_precision_whichever_process_measured_them(tmp_path):
+    from lightning_mim.orchestration.protocol import float32, read_result, write_result
+
+    path = write_result(tmp_path / "result.json", {"metrics": {"fid": 147.87922943695284, "big": 1e39}, "global_step": 6})
+    result = read_result(path)
+    assert result["metrics"] == {"fid": 147.8792266845703, "big": 1e39}  # what Lightning's float32 tensor gives
+    assert result["global_step"] == 6
+    import torch
+
+    assert float32(147.87922943695284) == float(torch.tensor(147.87922943695284))
+
+
+PHASES_SEEN: list = []
+
+
+def record_phase(phase, **info):  # a phase hook, named as module:function
+    PHASES_SEEN.append((phase, info))
+
+
+def test_the_phase_hook_hears_the_driver_and_every_progress_write(tmp_path, monkeypatch):
+    from lightning_mim.orchestration.protocol import PHASE_HOOK_ENV, phase_reached
+
+    PHASES_SEEN.clear()
+    phase_reached("asked", trial=3)  # no hook set: nothing happens
+    monkeypatch.setenv(PHASE_HOOK_ENV, f"{__name__}:record_phase")
+    phase_reached("asked", trial=3)
+    write_progress(tmp_path / "trial-0003" / PROGRESS_FILE, "training", step=4)
+    assert PHASES_SEEN == [("asked", {"trial": 3}),
+                           ("training", {"progress_file": str(tmp_path / "trial-0003" / PROGRESS_FILE), "step": 4})]
+    monkeypatch.setenv(PHASE_HOOK_ENV, "no_colon")
+    with pytest.raises(ValueError, match="module:function"):
+        phase_reached("asked")

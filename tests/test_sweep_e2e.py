@@ -212,42 +212,65 @@ def test_console_table_and_mlflow_parent_run_agree(grid_sweep):
     assert "mean ± 95 % CI over seeds" in proc.stdout
 
 
-def test_killed_sweep_resumes_with_only_the_missing_trials(tmp_path, tiny_stage2_overrides):
-    home = tmp_path
-    args = ["schedule=cosine,linear", "seed=0,1", *tiny_stage2_overrides]
-    env = {**os.environ, "LIGHTNING_MIM_HOME": str(home)}
-    proc = subprocess.Popen([sys.executable, "-m", "lightning_mim.sweep", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    first_done = None
-    while time.time() < deadline and first_done is None:
-        time.sleep(1)
-        if _any_trial_complete(home):  # only then open the study through Optuna (see the helper)
-            _, trials = _trials(home)
-            done = _complete_params(trials)
-            first_done = done[0] if done else None
-    assert first_done is not None, "the first trial never finished"
-    # kill the driver once the second trial's MLflow run has started (the run MLflow would keep RUNNING)
-    study, _ = _trials(home)
-    parent = study.user_attrs["mlflow_parent_run_id"]
-    while time.time() < deadline and not any(r.info.status == "RUNNING" for r in _child_runs(home, parent)):
-        time.sleep(0.5)
-    assert any(r.info.status == "RUNNING" for r in _child_runs(home, parent)), "the second trial's run never started"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+# One kill per run of the same command, each at the first time the sweep reaches that phase, in the
+# order a trial passes through them: the driver's phases (protocol.DRIVER_PHASES) and the trial
+# processes' own (progress phases). The grid's two points share one trained model (decode.steps is
+# inference-only), so the chain goes through a training (set-up, training, its final evaluation, after
+# it) and an evaluation of the trained checkpoint (the `logging` kill leaves the first point's model
+# recorded in the stage cache: its redo and the second point evaluate it).
+KILL_CHAIN = [
+    {"phase": "asked"},
+    {"phase": "set-up"},
+    {"phase": "training", "min_step": 4},  # last.ckpt holds step 3
+    {"phase": "evaluation"},  # the final evaluation starts (step 6; last.ckpt still at 3)
+    {"phase": "done"},  # after fit: last.ckpt at the budget, no result yet
+    {"phase": "exited"},  # the training process ended, the stage cache has not recorded it
+    {"phase": "recorded"},  # recorded, Optuna not told, MLflow not updated
+    {"phase": "logging"},  # the objective is being logged
+    {"phase": "evaluation"},  # now inside the evaluation process of the recorded model
+]
 
-    run_module("lightning_mim.sweep", args, home)
+
+def _point_metrics(home: Path) -> dict[str, dict[str, float]]:
+    from lightning_mim.orchestration.summary import REPORTED_METRICS
+
     _, trials = _trials(home)
-    complete = _complete_params(trials)
-    assert len(set(complete)) == 4 and len(complete) == 4, complete
-    assert Counter(complete)[first_done] == 1  # the finished trial was not redone
-    # MLflow: one FINISHED child per point, and the dead trial's run ended (KILLED, with the reason)
-    children = _child_runs(home, parent)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == len({json.dumps(t.params, sort_keys=True) for t in complete})  # no point twice
+    return {json.dumps(t.params, sort_keys=True): {m: t.user_attrs["metrics"].get(m) for m in REPORTED_METRICS}
+            for t in complete}
+
+
+def test_a_sweep_killed_at_any_phase_resumes_to_the_uninterrupted_numbers(tmp_path, tiny_stage2_overrides):
+    """SIGKILL of the driver and every process it started, placed by the phase hook at each phase of a
+    trial in turn, then the same command again: every point completes, with the uninterrupted sweep's
+    numbers, one FINISHED MLflow run per point and the dead trials' runs ended."""
+    args = [*tiny_stage2_overrides, "decode.steps=2,4"]  # after the fixed decode.steps=4
+    reference = tmp_path / "uninterrupted"
+    run_module("lightning_mim.sweep", args, reference)
+    expected = _point_metrics(reference)
+    assert len(expected) == 2
+
+    home = tmp_path / "killed"
+    tests_dir = str(Path(__file__).parent)
+    hook = {"LIGHTNING_MIM_PHASE_HOOK": "_sweep_kill:kill_sweep_at",
+            "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
+    for kill in KILL_CHAIN:
+        env = {**os.environ, **hook, "LIGHTNING_MIM_HOME": str(home), "LIGHTNING_MIM_TEST_KILL_AT": json.dumps(kill)}
+        proc = subprocess.run([sys.executable, "-m", "lightning_mim.sweep", *args], env=env, capture_output=True,
+                              text=True, timeout=600, start_new_session=True)
+        assert proc.returncode == -signal.SIGKILL, (kill, proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    proc = run_module("lightning_mim.sweep", args, home)
+    assert "incomplete" not in proc.stdout
+
+    assert _point_metrics(home) == expected  # to the last digit
+    study, trials = _trials(home)
+    children = _child_runs(home, study.user_attrs["mlflow_parent_run_id"])
     finished = [r for r in children if r.info.status == "FINISHED"]
-    assert len(finished) == 4 and len({r.info.run_name for r in finished}) == 4
-    killed = [r for r in children if r.info.status == "KILLED"]
-    assert len(killed) == 1 and "driver process died" in killed[0].data.tags["error"]
+    assert sorted(r.info.run_name for r in finished) == ["decode.steps=2", "decode.steps=4"]
     assert not [r for r in children if r.info.status == "RUNNING"]
+    killed = [r for r in children if r.info.status == "KILLED"]
+    assert killed and all("driver process died" in r.data.tags["error"] for r in killed)
 
 
 def test_two_workers_split_the_grid_without_duplicates(tmp_path, tiny_stage2_overrides):
@@ -293,21 +316,27 @@ def test_inference_only_axis_trains_once(tmp_path, tiny_stage2_overrides):
 
 def test_failing_trial_is_recorded_and_the_others_finish(tmp_path, tiny_stage2_overrides):
     home = tmp_path
-    # an optimizer name the config schema does not know of fails inside the trial's training process
-    # (a bad value it does know, e.g. lr=-1, stops the sweep before any trial: tests/test_schema.py)
-    proc = run_module("lightning_mim.sweep", ["model.optim.name=adamw,nope", *tiny_stage2_overrides], home)
+    # a value every config check accepts that fails inside the trial's training process (a bad value the
+    # checks know of stops the sweep before any trial: tests/test_bad_input.py)
+    fail = ["+callbacks.fail._target_=_killer.RaiseIf", "+callbacks.fail.key=label_smoothing", "+callbacks.fail.value=0.2"]
+    tests_dir = str(Path(__file__).parent)
+    proc = run_module("lightning_mim.sweep", ["model.label_smoothing=0.1,0.2", *fail, *tiny_stage2_overrides], home,
+                      env={"PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # a point without a result: 1 (2 is for bad input)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("incomplete: 1 point(s) without a result: model.label_smoothing=0.2"), last
     study, trials = _trials(home)
-    states = {t.params["model.optim.name"]: t.state for t in trials}
-    assert states["adamw"] == optuna.trial.TrialState.COMPLETE
-    assert states["nope"] == optuna.trial.TrialState.FAIL
-    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL][0]
-    assert "unknown optimizer 'nope'" in failed.user_attrs["error"]
+    states = {t.params["model.label_smoothing"]: t.state for t in trials}
+    assert states["0.1"] == optuna.trial.TrialState.COMPLETE
+    assert states["0.2"] == optuna.trial.TrialState.FAIL
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) == 1 and "RaiseIf: label_smoothing=0.2" in failed[0].user_attrs["error"]
     assert "failed" in proc.stdout
     children = _child_runs(home, study.user_attrs["mlflow_parent_run_id"])
-    status = {r.data.params["model.optim.name"]: r.info.status for r in children}
-    assert status == {"adamw": "FINISHED", "nope": "FAILED"}
+    status = Counter((r.data.params["model.label_smoothing"], r.info.status) for r in children)
+    assert status == {("0.1", "FINISHED"): 1, ("0.2", "FAILED"): 1}
     failed_run = [r for r in children if r.info.status == "FAILED"][0]
-    assert "unknown optimizer 'nope'" in failed_run.data.tags["error"]
+    assert "RaiseIf: label_smoothing=0.2" in failed_run.data.tags["error"]
 
 
 def test_pruned_trial_stops_early_and_stays_pruned(tmp_path, tiny_stage2_overrides):

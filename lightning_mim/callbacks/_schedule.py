@@ -14,7 +14,10 @@ class EvalSchedule:
     `every_n_steps` fires after the optimizer step that makes `global_step` a multiple of n (step-
     budgeted runs need no validation for it). Either may be None. Never during the sanity check,
     never twice for one global step. `at_end` also fires at the run's last optimizer step
-    (`max_steps`) or last epoch (`max_epochs`), so every run ends with a measurement whatever its budget.
+    (`max_steps`) or last epoch (`max_epochs`), so every run ends with a measurement whatever its budget,
+    and at the end of a stand-alone validation (`trainer.validate`) of a run that has reached its step
+    budget: how a run resumed from a checkpoint taken at its last step (killed before its end-of-run
+    measurement was recorded) measures what the uninterrupted run measured.
     """
 
     def __init__(self, every_n_epochs: int | None = 1, every_n_steps: int | None = None, at_end: bool = True) -> None:
@@ -38,7 +41,13 @@ class EvalSchedule:
         max_epochs = getattr(trainer, "max_epochs", None) or -1
         last_epoch = self.at_end and max_epochs > 0 and trainer.current_epoch + 1 >= max_epochs
         due = self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0
-        return (due or last_epoch) and self._claim(trainer)
+        return (due or last_epoch or self._finished_run_validated(trainer)) and self._claim(trainer)
+
+    def _finished_run_validated(self, trainer: Any) -> bool:
+        """A stand-alone validation (`trainer.validate`, not fit's) of a run at its step budget."""
+        max_steps = getattr(trainer, "max_steps", -1) or -1
+        fn = getattr(getattr(trainer, "state", None), "fn", None)
+        return self.at_end and str(getattr(fn, "value", fn)) == "validate" and 0 < max_steps <= trainer.global_step
 
     def at_train_batch_end(self, trainer: Any) -> bool:
         step = trainer.global_step

@@ -70,6 +70,13 @@ class ExactResume(pl.Callback):
         self._pending: dict[str, Any] | None = None
         self.resumed_at: tuple[int, int] | None = None  # (epoch, batch) of the last resume, for tests and logs
 
+    @property
+    def resumed_without_a_step(self) -> bool:
+        """Whether this fit restored a checkpoint and ran no training step after it: the checkpoint was
+        taken at the run's budget, so Lightning's `fit` returned at once, and what the run does at its
+        end (validation, the final evaluations) has to be asked for (`trainer.validate`)."""
+        return self._pending is not None
+
     # -- saving ------------------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._pending is None:

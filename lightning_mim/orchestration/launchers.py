@@ -1,5 +1,10 @@
 """Where a sweep's trial processes run: here (`sweep.launcher=local`, a child process of the driver) or
 as SLURM jobs through submitit (`sweep.launcher=submitit`), the way MAE/MAGE users reach SLURM.
+`launch` is the one call the driver makes; both launchers append the trial's output to its log, call
+`while_waiting` about once a second (the driver's console) and raise `TrialFailed` with the log's tail.
+
+A local trial process dies with the driver that started it (`die_with_parent`, Linux): a killed
+driver leaves no orphan training, and the next run of the sweep redoes the trial.
 
 With submitit the driver submits each trial's command (`python -m lightning_mim.train ...`, or
 `... .evaluate` for a reused checkpoint) as one job and waits for it; the job writes the same trial
@@ -14,12 +19,14 @@ trial's overrides so Lightning reads its ranks from SLURM.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 LAUNCHERS = ("local", "submitit")
 POLL_SECONDS = 1.0
@@ -109,3 +116,57 @@ def run_submitit(
     except Exception as err:  # submitit wraps the job's exception (FailedJobError, UncompletedJobError)
         raise TrialFailed(f"submitit job {job.job_id} failed ({type(err).__name__}); trial log {log_path}:\n"
                           + "\n".join(str(err).strip().splitlines()[-15:])) from None
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux `PR_SET_PDEATHSIG`; a no-op
+    elsewhere): a `preexec_fn` for every process the driver starts."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def run_local(args: list[str], log_path: Path, env: Mapping[str, str], while_waiting: Callable[[], None] | None = None) -> None:
+    """Run `args` as a child process with its output appended to `log_path`, calling `while_waiting`
+    about once a second until it exits; raises TrialFailed when it fails. Ctrl-C is passed on to it."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"$ {' '.join(args)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=dict(env), preexec_fn=die_with_parent)
+        try:
+            while True:
+                try:
+                    code = proc.wait(timeout=POLL_SECONDS)
+                    break
+                except subprocess.TimeoutExpired:
+                    if while_waiting is not None:
+                        while_waiting()
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)
+            proc.wait()
+            raise
+    if code != 0:
+        raise failure(code, log_path)
+
+
+def launch(
+    launcher: str,
+    args: list[str],
+    log_path: Path,
+    env: Mapping[str, str],
+    cfg: Any,
+    submitit_options: Mapping[str, Any] | None = None,
+    while_waiting: Callable[[], None] | None = None,
+) -> None:
+    """Run a trial's command where `launcher` (one of LAUNCHERS) says: a child process here with `env`
+    added to this process's environment, or a submitit job with the resources of the trial's config
+    `cfg` (`job_resources`) and `submitit_options` ({cluster, parameters})."""
+    if launcher == "submitit":
+        options = SubmititOptions(**(submitit_options or {}))
+        run_submitit(args, log_path, dict(env), options, job_resources(cfg), while_waiting)
+    elif launcher == "local":
+        run_local(args, log_path, {**os.environ, **env}, while_waiting)
+    else:
+        raise ValueError(f"unknown launcher '{launcher}'; valid: {', '.join(LAUNCHERS)}")

@@ -2,7 +2,7 @@
 progress file (`protocol.write_progress`, at most once a second) current — "tokenizer" or "training"
 with the step, the step budget and the loss, "evaluation" while an evaluation callback runs, "done" at
 the end. The driver reads the file with `progress.describe`; the two halves live apart so that the
-driver does not import Lightning (`orchestration.progress`).
+driver does not import Lightning (`orchestration.sweep_console`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_mim.orchestration.protocol import write_progress
+from lightning_mim.orchestration.protocol import phase_reached, write_progress
 
 WRITE_EVERY_S = 1.0
 
@@ -40,10 +40,13 @@ class TrialProgress(pl.Callback):
         self._written = 0.0
 
     def _write(self, phase: str, force: bool = False, **fields: Any) -> None:
+        """Write the file (at most once a second unless `force`); the phase hook hears every call."""
         now = time.monotonic()
         if force or now - self._written >= WRITE_EVERY_S:
             self._written = now
-            write_progress(self.path, phase, **fields)
+            write_progress(self.path, phase, **fields)  # calls phase_reached
+        else:
+            phase_reached(phase, progress_file=str(self.path), **fields)
 
     def _numbers(self, trainer: pl.Trainer) -> dict[str, Any]:
         loss = trainer.callback_metrics.get("train/loss")

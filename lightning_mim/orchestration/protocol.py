@@ -15,6 +15,11 @@ settings — and talks to it through two channels only:
                     `objective_metric(name)` first (see `tracking.reserve_first_metric`).
   Environment variables, not config keys: they must not change the config hash that keys the stage
   cache (two trials that differ only in their trial number share one trained model).
+- the phases of a trial, for whoever watches: the trial's process records its own in its progress
+  file (`write_progress`: "set-up", "tokenizer", "training", "evaluation", "done"); the driver passes
+  the others (`DRIVER_PHASES`: "asked", "exited", "recorded", "logging"). Both call `phase_reached`,
+  which runs the hook named by `PHASE_HOOK_ENV` (`module:function`, called as `function(phase,
+  **info)`) when it is set: tests place kills with it at exact points of a trial, not by timers.
 - a JSON result file, coming out (`write_result` -> `read_result`), at `result_path(directory)`: a
   training writes it into its output directory (final metrics, step, checkpoint path, MLflow run id,
   the step it was pruned at or null); an evaluation writes it where its `result_file=` argument says
@@ -23,12 +28,15 @@ settings — and talks to it through two channels only:
 
 from __future__ import annotations
 
+import importlib
 import json
+import math
 import os
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 PARENT_RUN_ENV = "LIGHTNING_MIM_PARENT_RUN_ID"
 RUN_TAGS_ENV = "LIGHTNING_MIM_RUN_TAGS"
@@ -37,7 +45,13 @@ PROGRESS_ENV = "LIGHTNING_MIM_PROGRESS_FILE"
 OBJECTIVE_ENV = "LIGHTNING_MIM_OBJECTIVE"
 RESULT_FILE = "result.json"
 PROGRESS_FILE = "progress.json"
+PHASE_HOOK_ENV = "LIGHTNING_MIM_PHASE_HOOK"
 PRUNING_KEYS = ("storage", "study", "trial_id", "monitor", "pruner")
+# The driver's phases of one trial, in order (the trial's process records its own in between):
+# asked: the trial holds its point, nothing is started yet; exited: the trial's process ended well, its
+# result file is written; recorded: the stage cache has recorded the trained model (trainings only);
+# logging: the objective is about to be logged to the trial's MLflow run, Optuna is not told yet.
+DRIVER_PHASES = ("asked", "exited", "recorded", "logging")
 
 
 def objective_metric(objective: str) -> str:
@@ -99,10 +113,24 @@ def result_path(directory: str | os.PathLike) -> Path:
     return Path(directory) / RESULT_FILE
 
 
+def float32(value: float) -> float:
+    """`value` rounded to the nearest float32 (values beyond float32's range unchanged)."""
+    try:
+        rounded = struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return value
+    return rounded if math.isfinite(rounded) or not math.isfinite(value) else value
+
+
 def write_result(path: str | os.PathLike, result: Mapping[str, Any]) -> Path:
-    """Write a trial's result (JSON) to `path`."""
+    """Write a trial's result (JSON) to `path`. Its `metrics` are recorded at float32 precision, the
+    precision of Lightning's logged values, so that a number is the same whichever process measured it:
+    a training's own evaluation callbacks or `python -m lightning_mim.evaluate` on its checkpoint."""
     path = Path(path)
-    path.write_text(json.dumps(dict(result), indent=2))
+    result = dict(result)
+    if "metrics" in result:
+        result["metrics"] = {k: float32(float(v)) for k, v in result["metrics"].items()}
+    path.write_text(json.dumps(result, indent=2))
     return path
 
 
@@ -114,9 +142,25 @@ def read_result(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _hook(spec: str) -> Callable[..., Any]:
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"{PHASE_HOOK_ENV}={spec!r}: expected module:function")
+    return getattr(importlib.import_module(module), name)
+
+
+def phase_reached(phase: str, **info: Any) -> None:
+    """A trial reached `phase` (the driver's `DRIVER_PHASES` or a progress phase of the trial's own):
+    run the hook named by `PHASE_HOOK_ENV`, if any, with `phase` and `info` (e.g. the trial number)."""
+    spec = os.environ.get(PHASE_HOOK_ENV)
+    if spec:
+        _hook(spec)(phase, **info)
+
+
 def write_progress(path: str | os.PathLike | None, phase: str, **fields: Any) -> None:
     """Record a trial's current phase ("set-up", "tokenizer", "training", "evaluation", "done", ...)
-    and its numbers (step, max_steps, loss) at `path`, atomically; nothing when `path` is None."""
+    and its numbers (step, max_steps, loss) at `path`, atomically, then pass the phase to
+    `phase_reached`; nothing when `path` is None (no sweep watches this run)."""
     if not path:
         return
     path = Path(path)
@@ -124,6 +168,7 @@ def write_progress(path: str | os.PathLike | None, phase: str, **fields: Any) ->
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"phase": phase, "time": time.time(), **fields}))
     os.replace(tmp, path)
+    phase_reached(phase, progress_file=str(path), **fields)
 
 
 def read_progress(path: str | os.PathLike) -> dict[str, Any] | None:

@@ -54,7 +54,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data, _convert_="all")
     model = instantiate(cfg.model, _recursive_=False, _convert_="all")
     checkpoint_cb = _checkpoint_callback(cfg, output_dir)
-    callbacks = [checkpoint_cb, ExactResume(), *_instantiate_callbacks(cfg)]  # a resumed run = the uninterrupted one
+    exact_resume = ExactResume()  # a resumed run = the uninterrupted one
+    callbacks = [checkpoint_cb, exact_resume, *_instantiate_callbacks(cfg)]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepBudgetProgressBar())  # "Epoch 11 · step 450/600", not Lightning's "Epoch 11/-2"
     if trial.progress_file:  # a sweep's console follows this trial
@@ -77,6 +78,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if trial.objective:  # MLflow's compare view opens on the run's first metric: the sweep's objective
             reserve_first_metric(logger, objective_metric(trial.objective))
     trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg, checkpoint_cb))
+    if exact_resume.resumed_without_a_step:  # resumed at its budget (killed before its result was written):
+        trainer.validate(model, datamodule=datamodule, verbose=False)  # the end-of-run measurements, again
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     result = {

@@ -1,0 +1,243 @@
+"""A sweep's Optuna study: opening it, the workers' critical sections, recovering the trials of dead
+drivers, and what is left to run.
+
+The study lives in an RDB (SQLite file by default, PostgreSQL for several nodes) under a name derived
+from the sweep spec, so the same command finds it again: finished trials are skipped, failed ones are
+retried `spec.retries` times, and the trials of a killed driver are detected (a dead pid on this host,
+stale Optuna heartbeats elsewhere) and redone.
+
+Public Optuna API only. What Optuna does privately under `study.optimize` and not under ask/tell is
+done here through the storage's public methods:
+- heartbeats (`Heartbeat`): a thread calling `storage.record_heartbeat(trial_id)`;
+- a trial's storage id (`trial_id`): `storage.get_trial_id_from_study_id_trial_number`;
+- suggesting a value from a stored distribution (`suggest`): the `suggest_*` call of its type.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from lightning_mim.locks import file_lock, pid_alive
+from lightning_mim.orchestration.pruning import build_pruner, rdb_storage
+from lightning_mim.orchestration.sweep_spec import SweepSpec, search_space_for_tpe
+
+HEARTBEAT_SECONDS = 30
+# Failures that do not count as a try of the grid point.
+INTERRUPTED = "interrupted"
+DRIVER_DIED = "driver process died"
+STALE = None  # Optuna's stale-heartbeat failures carry no error attribute
+
+
+class AskTellGridSampler(optuna.samplers.GridSampler):
+    """GridSampler whose `after_trial` does not call `study.stop()` (which raises outside
+    `study.optimize`); the driver's loop stops by itself when no grid point is left."""
+
+    def after_trial(self, study, trial, state, values) -> None:  # noqa: D102
+        return None
+
+
+def point_key(params: dict[str, Any]) -> str:
+    """A trial's point as one comparable string (params in key order)."""
+    return json.dumps(params, sort_keys=True)
+
+
+def suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> Any:
+    """`trial`'s value of `name` from `distribution`, through the public `suggest_*` call of its type."""
+    if isinstance(distribution, CategoricalDistribution):
+        return trial.suggest_categorical(name, distribution.choices)
+    if isinstance(distribution, IntDistribution):
+        return trial.suggest_int(name, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
+    if isinstance(distribution, FloatDistribution):
+        return trial.suggest_float(name, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
+    raise TypeError(f"{name}: unsupported distribution {distribution!r}")
+
+
+def trial_id(study: optuna.Study, storage: optuna.storages.BaseStorage, number: int) -> int:
+    """The storage's id of trial `number` of `study`."""
+    study_id = storage.get_study_id_from_name(study.study_name)
+    return storage.get_trial_id_from_study_id_trial_number(study_id, number)
+
+
+class Heartbeat:
+    """Records Optuna heartbeats of one trial while the block runs (`with Heartbeat(...):`), as
+    `study.optimize` does for its own trials; nothing for storages without heartbeats."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int) -> None:
+        self.storage, self.trial_id = storage, trial_id
+        self.interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.storage.record_heartbeat(self.trial_id)
+
+    def __enter__(self) -> "Heartbeat":
+        if self.interval:
+            self.storage.record_heartbeat(self.trial_id)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+@contextmanager
+def database_lock(storage_url: str, name: str) -> Iterator[None]:
+    """A lock in the study's database, for workers that share no file system (nodes with homes of their
+    own): PostgreSQL's session advisory lock on a key hashed from `name`, released when the block ends or
+    the connection drops (a killed worker). Other databases: nothing (SQLite's workers share its file
+    system, where the file locks serialize them)."""
+    if not storage_url.startswith("postgresql"):
+        yield
+        return
+    import sqlalchemy
+
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+    engine = sqlalchemy.create_engine(storage_url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+    finally:
+        engine.dispose()
+
+
+class SweepStudy:
+    """The Optuna study of one sweep spec, named `name`, in the RDB at `storage_url`; `lock_dir` holds
+    the file locks of the workers that share this home."""
+
+    def __init__(self, spec: SweepSpec, name: str, storage_url: str, lock_dir: Path) -> None:
+        self.spec, self.name, self.storage_url, self.lock_dir = spec, name, storage_url, Path(lock_dir)
+        self.storage = rdb_storage(storage_url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=4 * HEARTBEAT_SECONDS)
+
+    def open(self) -> optuna.Study:
+        """Create the study, or load it when it exists (several workers may race to create it)."""
+        if self.spec.is_grid:
+            sampler = AskTellGridSampler(self.spec.grid_space(), seed=0)
+        else:
+            sampler = optuna.samplers.TPESampler(seed=0)
+        for attempt in range(5):
+            try:
+                return optuna.create_study(
+                    study_name=self.name,
+                    storage=self.storage,
+                    sampler=sampler,
+                    pruner=build_pruner(self.spec.effective_pruner()),
+                    direction=self.spec.direction,
+                    load_if_exists=True,
+                )
+            except optuna.exceptions.DuplicatedStudyError:
+                time.sleep(0.5 * (attempt + 1))
+        raise RuntimeError(f"could not create or load study {self.name}")
+
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """A critical section of this study's workers (`ask`: recovering and asking for trials, `parent`:
+        creating the MLflow parent run): a file lock in `lock_dir` serializes the workers sharing this
+        home; on PostgreSQL, a lock in the database also those of other nodes with homes of their own
+        (without it, two workers restarting at once both enqueue the redo of a dead trial's point)."""
+        with file_lock(self.lock_dir / f"{name}.lock"), database_lock(self.storage_url, f"{self.name}/{name}"):
+            yield
+
+    def recover(self, study: optuna.Study, end_dead_runs: Callable[[list[int]], None]) -> None:
+        """Fail the trials of dead drivers (their MLflow runs are ended by `end_dead_runs(numbers)`) and
+        enqueue retries of failed points.
+
+        A RUNNING trial whose driver died is detected at once on this host (its pid is gone) and by
+        stale heartbeats elsewhere. Kills and Ctrl-C do not count as tries; a trial that raised is
+        retried `spec.retries` times in all.
+        """
+        host = socket.gethostname()
+        with self.lock("ask"):
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            for trial in running:
+                attrs = trial.user_attrs
+                if attrs.get("host") == host and not pid_alive(int(attrs.get("pid", -1))):
+                    self.fail(study, trial.number, DRIVER_DIED)
+            optuna.storages.fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            end_dead_runs(sorted({t.number for t in running} & {t.number for t in trials if t.state == TrialState.FAIL}))
+            taken = {
+                point_key(t.params or t.system_attrs.get("fixed_params", {}))
+                for t in trials
+                if t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING, TrialState.PRUNED)
+            }
+            tries: dict[str, int] = {}
+            for trial in trials:
+                if trial.state == TrialState.FAIL and trial.params:
+                    key = point_key(trial.params)
+                    counted = trial.user_attrs.get("error") not in (DRIVER_DIED, INTERRUPTED, STALE)
+                    tries[key] = tries.get(key, 0) + int(counted)
+            for key, count in tries.items():
+                if key not in taken and count <= self.spec.retries:
+                    study.enqueue_trial(json.loads(key), user_attrs={"retry": count})
+
+    def fail(self, study: optuna.Study, number: int, error: str) -> None:
+        """Mark trial `number` FAIL with `error`, whoever holds it."""
+        tid = trial_id(study, self.storage, number)
+        self.storage.set_trial_user_attr(tid, "error", error)
+        self.storage.set_trial_state_values(tid, TrialState.FAIL)
+
+    def remaining(self, study: optuna.Study) -> int:
+        """Trials still to run: queued ones plus unvisited grid points, or the search budget left."""
+        trials = study.get_trials(deepcopy=False)
+        waiting = sum(t.state == TrialState.WAITING for t in trials)
+        if self.spec.is_grid:
+            visited = {point_key(t.params) for t in trials if t.state != TrialState.WAITING}  # {}: a grid of one point
+            points = {point_key(p) for p in self.spec.grid_points()}
+            return waiting + len(points - visited)
+        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+        return max(0, self.spec.total_trials() - finished)
+
+    def has_work(self, study: optuna.Study) -> bool:
+        """Whether a run of this sweep would train or evaluate anything: points left, or trials of a
+        killed run (RUNNING, WAITING) that `recover` takes up. False for a finished sweep run again."""
+        unfinished = (TrialState.RUNNING, TrialState.WAITING)
+        return self.remaining(study) > 0 or any(t.state in unfinished for t in study.get_trials(deepcopy=False))
+
+    def ask(self, study: optuna.Study) -> tuple[optuna.Trial, dict[str, Any], int] | None:
+        """The next trial with its params (stored at once, so other workers see its point as taken) and
+        the trials left counting it; None when nothing is left."""
+        with self.lock("ask"):
+            remaining = self.remaining(study)
+            if remaining == 0:
+                return None
+            trial = study.ask()
+            return trial, self.suggest_params(trial), remaining
+
+    def suggest_params(self, trial: optuna.Trial) -> dict[str, Any]:
+        """The trial's point: every grid axis (the seed included), or every search-space dimension."""
+        if self.spec.is_grid:
+            return {k: trial.suggest_categorical(k, v) for k, v in self.spec.grid_space().items()}
+        return {key: suggest(trial, key, dist) for key, dist in search_space_for_tpe(self.spec).items()}
+
+    def trial_id(self, trial: optuna.Trial) -> int:
+        """The storage's id of a live trial (what a trial's process reports its pruning values to)."""
+        return trial_id(trial.study, self.storage, trial.number)
+
+    def heartbeat(self, trial: optuna.Trial) -> Heartbeat:
+        return Heartbeat(self.storage, self.trial_id(trial))
+
+    @staticmethod
+    def quiet_heartbeat_warnings() -> None:
+        """Optuna warns that heartbeats are experimental and meant for `optimize`: both are known here."""
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage")
