@@ -10,7 +10,7 @@ import pytest
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_mim.callbacks import GenerationMetrics
-from lightning_mim.callbacks._schedule import EvalSchedule
+from lightning_mim.callbacks._cadence import EvalCadence
 from _fakes import FakeGenerator, SyntheticImageDataModule
 
 
@@ -86,14 +86,14 @@ def _fake_trainer(step: int, epoch: int = 0, sanity: bool = False):
 
 
 def test_eval_schedule_fires_at_the_last_step_or_epoch():
-    s = EvalSchedule(every_n_epochs=None, every_n_steps=100)
+    s = EvalCadence(every_n_epochs=None, every_n_steps=100)
     last = SimpleNamespace(global_step=7, current_epoch=0, sanity_checking=False, max_steps=7, max_epochs=-1)
     assert s.at_train_batch_end(last)
     assert not s.at_train_batch_end(last)  # never twice for one step
-    s = EvalSchedule(every_n_epochs=5, every_n_steps=None)
+    s = EvalCadence(every_n_epochs=5, every_n_steps=None)
     final_epoch = SimpleNamespace(global_step=30, current_epoch=2, sanity_checking=False, max_steps=-1, max_epochs=3)
     assert s.at_validation_end(final_epoch)
-    off = EvalSchedule(every_n_epochs=None, every_n_steps=100, at_end=False)
+    off = EvalCadence(every_n_epochs=None, every_n_steps=100, at_end=False)
     assert not off.at_train_batch_end(SimpleNamespace(global_step=7, current_epoch=0, sanity_checking=False, max_steps=7))
 
 
@@ -104,22 +104,22 @@ def test_eval_schedule_fires_when_a_run_at_its_budget_is_validated_on_its_own():
         return SimpleNamespace(global_step=step, current_epoch=1, sanity_checking=False, max_steps=6, max_epochs=-1,
                                state=SimpleNamespace(fn=fn))
 
-    schedule = EvalSchedule(every_n_epochs=None, every_n_steps=None)
-    assert not schedule.at_validation_end(trainer("fit", 6))  # fit's validation at the end: the batch-end hook measured
-    assert schedule.at_validation_end(trainer("validate", 6))
-    assert not schedule.at_validation_end(trainer("validate", 6))  # once per step
-    assert not EvalSchedule(every_n_epochs=None).at_validation_end(trainer("validate", 5))  # short of its budget
-    assert not EvalSchedule(every_n_epochs=None, at_end=False).at_validation_end(trainer("validate", 6))
+    cadence = EvalCadence(every_n_epochs=None, every_n_steps=None)
+    assert not cadence.at_validation_end(trainer("fit", 6))  # fit's validation at the end: the batch-end hook measured
+    assert cadence.at_validation_end(trainer("validate", 6))
+    assert not cadence.at_validation_end(trainer("validate", 6))  # once per step
+    assert not EvalCadence(every_n_epochs=None).at_validation_end(trainer("validate", 5))  # short of its budget
+    assert not EvalCadence(every_n_epochs=None, at_end=False).at_validation_end(trainer("validate", 6))
 
 
 def test_eval_schedule():
-    s = EvalSchedule(every_n_epochs=2, every_n_steps=None)
+    s = EvalCadence(every_n_epochs=2, every_n_steps=None)
     assert not s.at_validation_end(_fake_trainer(5, epoch=0))
     assert s.at_validation_end(_fake_trainer(10, epoch=1))
     assert not s.at_validation_end(_fake_trainer(10, epoch=1))  # once per global step
     assert not s.at_validation_end(_fake_trainer(0, epoch=1, sanity=True))
     assert not s.at_train_batch_end(_fake_trainer(10))
-    s = EvalSchedule(every_n_epochs=None, every_n_steps=4)
+    s = EvalCadence(every_n_epochs=None, every_n_steps=4)
     assert [s.at_train_batch_end(_fake_trainer(k)) for k in (0, 3, 4, 4, 5, 8)] == [
         False,
         False,
@@ -130,7 +130,7 @@ def test_eval_schedule():
     ]
     assert not s.at_validation_end(_fake_trainer(8, epoch=0))
     with pytest.raises(ValueError, match="every_n_steps"):
-        EvalSchedule(every_n_steps=0)
+        EvalCadence(every_n_steps=0)
 
 
 def test_needs_a_datamodule_with_fingerprint(tmp_path, quiet_trainer):

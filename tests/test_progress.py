@@ -8,10 +8,10 @@ import time
 import lightning.pytorch as pl
 import pytest
 
-from lightning_mim.callbacks._schedule import EvalSchedule
-from lightning_mim.orchestration import progress_callback as progress_module
+from lightning_mim.callbacks._cadence import EvalCadence
+from lightning_mim.orchestration import trial_progress as progress_module
 from lightning_mim.orchestration.sweep_console import SweepClock, describe, format_duration, point_name, running_trials
-from lightning_mim.orchestration.progress_callback import TrialProgress
+from lightning_mim.orchestration.trial_progress import TrialProgress
 from lightning_mim.orchestration.protocol import PROGRESS_FILE, TrialContext, read_progress, write_progress
 from lightning_mim.orchestration.launchers import run_local
 from test_trial_cost import _module
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 class EveryFourSteps(pl.Callback):
     """Stands in for an evaluation callback: only its schedule matters to TrialProgress."""
 
-    schedule = EvalSchedule(every_n_epochs=None, every_n_steps=4)
+    cadence = EvalCadence(every_n_epochs=None, every_n_steps=4)
 
 
 def test_a_trial_reports_training_steps_evaluations_and_done(quiet_trainer, tmp_path, monkeypatch):

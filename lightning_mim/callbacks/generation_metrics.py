@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_mim.callbacks._schedule import EvalSchedule, log_metrics, training_rng_untouched, why_no_generation
+from lightning_mim.callbacks._cadence import EvalCadence, log_metrics, training_rng_untouched, why_no_generation
 from lightning_mim.eval.extractors import EXTRACTORS, FeatureExtractor, build_extractor, check_inception_weights
 from lightning_mim.eval.generation import evaluate_generation
 
@@ -28,7 +28,7 @@ class GenerationMetrics(pl.Callback):
     Args:
         extractors: subset of ("domain", "inception"); metric names carry it (`fid_domain`, ...).
         num_samples: generated images per evaluation (split over DDP ranks).
-        every_n_epochs / every_n_steps: when to run during fit (see `EvalSchedule`); None disables.
+        every_n_epochs / every_n_steps: when to run during fit (see `EvalCadence`); None disables.
         on_test: also run at the end of `trainer.test` against the test split.
         cache_dir: where the domain classifier and real statistics are cached.
         inception_weights: local path of torch-fidelity's InceptionV3 weights (needed for "inception").
@@ -66,7 +66,7 @@ class GenerationMetrics(pl.Callback):
         self.extractor_names = names
         self.num_samples = int(num_samples)
         self.batch_size = int(batch_size)
-        self.schedule = EvalSchedule(every_n_epochs, every_n_steps)
+        self.cadence = EvalCadence(every_n_epochs, every_n_steps)
         self.on_test = bool(on_test)
         self.cache_dir = cache_dir
         self.inception_weights = inception_weights
@@ -146,13 +146,13 @@ class GenerationMetrics(pl.Callback):
         )
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.active and self.schedule.at_validation_end(trainer):
+        if self.active and self.cadence.at_validation_end(trainer):
             log_metrics(pl_module, "val", self.evaluate(trainer, pl_module, "val"))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.active and self.schedule.at_train_batch_end(trainer):
+        if self.active and self.cadence.at_train_batch_end(trainer):
             log_metrics(pl_module, "val", self.evaluate(trainer, pl_module, "val"))
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_mim.callbacks._schedule import EvalSchedule, log_metrics, training_rng_untouched
+from lightning_mim.callbacks._cadence import EvalCadence, log_metrics, training_rng_untouched
 from lightning_mim.data.pipeline import dist_info
 from lightning_mim.eval.distributed import FeatureGather, all_gather_object
 from lightning_mim.eval.loaders import shard_eval_loader, split_loader
@@ -80,7 +80,7 @@ class LinearProbe(pl.Callback):
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; valid: {list(OPTIMIZERS)}")
-        self.schedule = EvalSchedule(every_n_epochs, every_n_steps)
+        self.cadence = EvalCadence(every_n_epochs, every_n_steps)
         self.on_test = bool(on_test)
         self.max_train_samples = max_train_samples
         self.max_val_samples = max_val_samples
@@ -137,13 +137,13 @@ class LinearProbe(pl.Callback):
         return metrics
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.schedule.at_validation_end(trainer):
+        if self.cadence.at_validation_end(trainer):
             log_metrics(pl_module, "val", self.evaluate(trainer, pl_module, "val"))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.schedule.at_train_batch_end(trainer):
+        if self.cadence.at_train_batch_end(trainer):
             log_metrics(pl_module, "val", self.evaluate(trainer, pl_module, "val"))
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

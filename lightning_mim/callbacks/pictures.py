@@ -25,7 +25,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from lightning_mim.callbacks._schedule import EvalSchedule, training_rng_untouched, why_no_generation
+from lightning_mim.callbacks._cadence import EvalCadence, training_rng_untouched, why_no_generation
 from lightning_mim.eval.distributed import device_of
 from lightning_mim.eval.images import to_uint8
 
@@ -126,7 +126,7 @@ class Pictures(pl.Callback):
             if unknown:
                 raise ValueError(f"unknown picture kinds {unknown}; valid: {list(KINDS)} or 'auto'")
         self.kinds = kinds
-        self.schedule = EvalSchedule(every_n_epochs, every_n_steps, at_end=False)  # at_train_end covers the end
+        self.cadence = EvalCadence(every_n_epochs, every_n_steps, at_end=False)  # at_train_end covers the end
         self.at_train_end = bool(at_train_end)
         self.on_test = bool(on_test)
         self.out_dir = out_dir
@@ -211,13 +211,13 @@ class Pictures(pl.Callback):
                     logger.experiment.log_image(logger.run_id, image, key=kind, step=step)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.schedule.at_validation_end(trainer):
+        if self.cadence.at_validation_end(trainer):
             self._emit(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.schedule.at_train_batch_end(trainer):
+        if self.cadence.at_train_batch_end(trainer):
             self._emit(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

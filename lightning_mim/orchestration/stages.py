@@ -17,25 +17,35 @@ produces again.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_mim.locks import file_lock
 from lightning_mim.orchestration.config import NON_SEMANTIC_KEYS, compose, section_hash
 
 DONE_FILE = "done.json"
-# Overrides of the stage-2 run that also shape the tokenizer it needs (and so enter its cache key).
-TOKENIZER_OVERRIDE_PREFIXES = ("data.", "tokenizer.", "trainer.accelerator", "trainer.devices", "trainer.precision")
+# What a stage-2 config hands the run that trains its tokenizer, per section: the images (the data
+# section but for how the stage-2 run batches, loads and seeds them), the tokenizer's own section, and
+# where it runs.
+DATA_LOADING_KEYS = ("batch_size", "val_batch_size", "num_workers", "batches_per_epoch", "val_batches", "shuffle_buffer", "seed")
+TOKENIZER_INPUTS: dict[str, Callable[[str], bool]] = {
+    "data": lambda key: key not in DATA_LOADING_KEYS,
+    "tokenizer": lambda key: key != "ckpt",
+    "trainer": lambda key: key in ("accelerator", "devices", "precision"),
+}
 Train = Callable[[DictConfig], dict[str, Any]]  # `orchestration.train.run`: a config -> its result
 
 
 def stage_key(cfg: DictConfig) -> str:
-    """Hash of everything in `cfg` that changes what a stage computes (not where it is recorded)."""
+    """Hash of everything in `cfg` that changes what a stage computes (not where it is recorded): the
+    sections as written, interpolations unresolved, so a key does not depend on where the home is."""
     semantic = {k: v for k, v in cfg.items() if k not in NON_SEMANTIC_KEYS}
     return section_hash(semantic)
 
@@ -81,19 +91,28 @@ def prepare_stage_inputs(cfg: DictConfig, train: Train) -> None:
         raise FileNotFoundError(f"tokenizer.ckpt={ckpt}: no such checkpoint file")
 
 
+@functools.lru_cache(maxsize=8)
+def _composed(overrides: tuple[str, ...]) -> DictConfig:
+    """`config.compose(overrides)`, once per process (a sweep driver derives a tokenizer config per trial)."""
+    return compose(list(overrides))
+
+
 def tokenizer_run_config(cfg: DictConfig) -> DictConfig:
-    """The config of the run that trains the tokenizer a stage-2 config needs."""
+    """The config of the run that trains the tokenizer a stage-2 config `cfg` needs, derived from
+    `cfg`'s own sections: the tokenizer's training recipe (the experiment `tokenizer.train_experiment`,
+    with `cfg`'s choices of the data, tokenizer, trainer and logger groups), and from `cfg` itself what
+    the tokenizer is trained on and as (`TOKENIZER_INPUTS`). So the tokenizer's cache key follows what
+    the tokenizer computes: the images and its own settings, not the stage-2 model, nor how the stage-2
+    run batches and seeds its data."""
     choices = cfg.get("choices") or {}
-    # paths are not part of the key; cache_dir is passed on so the tokenizer is cached beside the run's stages
-    overrides = [
-        f"experiment={cfg.tokenizer.train_experiment}", f"paths.home={cfg.paths.home}", f"paths.cache_dir={cfg.paths.cache_dir}"
-    ]
-    for group in ("data", "tokenizer", "trainer", "logger"):
-        if group in choices:
-            overrides.append(f"{group}={choices[group]}")
-    overrides += [o for o in cfg.get("overrides") or [] if o.startswith(TOKENIZER_OVERRIDE_PREFIXES)]
-    overrides = [o for o in overrides if not o.startswith("tokenizer.ckpt")]
-    return compose(overrides)
+    overrides = [f"experiment={cfg.tokenizer.train_experiment}", f"paths.home={cfg.paths.home}", f"paths.cache_dir={cfg.paths.cache_dir}"]
+    overrides += [f"{group}={choices[group]}" for group in ("data", "tokenizer", "trainer", "logger") if group in choices]
+    tok_cfg = copy.deepcopy(_composed(tuple(overrides)))
+    for section, keep in TOKENIZER_INPUTS.items():
+        given = OmegaConf.to_container(cfg[section], resolve=False)  # interpolations stay: they resolve in tok_cfg
+        tok_cfg[section] = OmegaConf.merge(tok_cfg[section], {k: v for k, v in given.items() if keep(k)})
+    tok_cfg.tokenizer.ckpt = None
+    return tok_cfg
 
 
 def ensure_tokenizer(cfg: DictConfig, train: Train) -> Path:

@@ -2,7 +2,7 @@
 the sweep's ETA (`TrialsBar`); at the end, the per-point table, the trials that did not complete and
 where to look next (`print_summary`), and the report (`write_sweep_report`).
 
-The trial side is `progress_callback.TrialProgress`, a Lightning callback that keeps the trial's
+The trial side is `trial_progress.TrialProgress`, a Lightning callback that keeps the trial's
 progress file current. This module is the driver side: `describe` (one progress record -> a few words),
 `running_trials` (every fresh progress file of a sweep -> one line) and `SweepClock` (an ETA from the
 trials finished so far). Lightning's own progress bar is per process and goes to the trial's log; this is

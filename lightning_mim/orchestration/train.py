@@ -22,7 +22,7 @@ from lightning_mim.callbacks import ExactResume, PerRankSeed, StepBudgetProgress
 from lightning_mim.orchestration import pruning_callback
 from lightning_mim.orchestration.noise import filter_known_noise
 from lightning_mim.orchestration.config import ConfigError, absolutize_paths, compose, config_groups, group_options, report_config_error
-from lightning_mim.orchestration.progress_callback import TrialProgress
+from lightning_mim.orchestration.trial_progress import TrialProgress
 from lightning_mim.orchestration.protocol import TrialContext, objective_metric, result_path, write_progress, write_result
 from lightning_mim.orchestration.schema import check_config
 from lightning_mim.orchestration.stages import prepare_stage_inputs

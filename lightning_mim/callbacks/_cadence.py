@@ -8,7 +8,7 @@ import contextlib
 from typing import Any, Iterator
 
 
-class EvalSchedule:
+class EvalCadence:
     """`every_n_epochs` fires at the end of validation in epochs e with (e + 1) % n == 0 (epoch runs
     end with validation; with `val_check_interval` it fires at each validation of such an epoch);
     `every_n_steps` fires after the optimizer step that makes `global_step` a multiple of n (step-

@@ -19,14 +19,14 @@ WRITE_EVERY_S = 1.0
 
 
 def _due_evaluation(trainer: pl.Trainer, step: int) -> bool:
-    """Whether an evaluation callback (one with an `EvalSchedule`) fires after this optimizer step."""
+    """Whether an evaluation callback (one with an `EvalCadence`) fires after this optimizer step."""
     last = bool(trainer.max_steps and trainer.max_steps > 0 and step >= trainer.max_steps)
     for callback in trainer.callbacks:
-        schedule = getattr(callback, "schedule", None)
-        if schedule is None:
+        cadence = getattr(callback, "cadence", None)
+        if cadence is None:
             continue
-        every = getattr(schedule, "every_n_steps", None)
-        if (every and step > 0 and step % every == 0) or (last and (schedule.at_end or getattr(callback, "at_train_end", False))):
+        every = getattr(cadence, "every_n_steps", None)
+        if (every and step > 0 and step % every == 0) or (last and (cadence.at_end or getattr(callback, "at_train_end", False))):
             return True
     return False
 
