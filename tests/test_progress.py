@@ -154,3 +154,24 @@ def test_the_phase_hook_hears_the_driver_and_every_progress_write(tmp_path, monk
     monkeypatch.setenv(PHASE_HOOK_ENV, "no_colon")
     with pytest.raises(ValueError, match="module:function"):
         phase_reached("asked")
+
+
+def test_a_trial_config_is_written_as_composed_and_read_back_or_refused_in_one_line(tmp_path):
+    from omegaconf import OmegaConf
+
+    from lightning_mim.orchestration.config import ConfigError, compose
+    from lightning_mim.orchestration.protocol import read_config, write_config
+
+    cfg = compose(["schedule=sqrt", "paths.home=/tmp/h"])
+    back = read_config(write_config(cfg, tmp_path / "trial-0001" / "config.yaml"))
+    assert OmegaConf.to_container(back, resolve=False) == OmegaConf.to_container(cfg, resolve=False)
+    assert OmegaConf.to_container(back, resolve=False)["data"]["seed"] == "${seed}"  # interpolations kept
+    assert back.model.ratio.schedule == "sqrt"
+    with pytest.raises(ConfigError, match="no such file"):
+        read_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1\n")
+    with pytest.raises(ConfigError, match="not a config file"):
+        read_config(tmp_path / "bad.yaml")
+    (tmp_path / "other.yaml").write_text("a: 1\n")
+    with pytest.raises(ConfigError, match="no model section"):
+        read_config(tmp_path / "other.yaml")

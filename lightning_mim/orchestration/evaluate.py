@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_mim.eval.generation import evaluate_generation
 from lightning_mim.orchestration.config import ConfigError, compose, config_groups, parse_overrides, report_config_error, usage_status
 from lightning_mim.orchestration.noise import filter_known_noise
-from lightning_mim.orchestration.protocol import TrialContext, objective_metric, write_progress, write_result
+from lightning_mim.orchestration.protocol import TrialContext, objective_metric, read_config, write_progress, write_result
 from lightning_mim.orchestration.schema import check_config
 from lightning_mim.orchestration.tracking import alias_keys, ensure_experiment, environment_tags, run_params
 
@@ -68,7 +68,10 @@ def evaluate_checkpoint(cfg: DictConfig, module, datamodule) -> dict[str, float]
     )
 
 
-def _log_to_mlflow(cfg: DictConfig, metrics: dict[str, float], run_name: str, trial: TrialContext) -> str | None:
+def _log_to_mlflow(cfg: DictConfig, metrics: dict[str, float], run_name: str, trial: TrialContext,
+                   as_composed: bool = False) -> str | None:
+    """One MLflow run of the setting `cfg` (`as_composed`: a config as composed, whose interpolations
+    name its alias keys; otherwise a run's saved, resolved config)."""
     if "tracking_uri" not in (cfg.get("logger") or {}):
         return None
     from mlflow.entities import Metric, Param
@@ -81,8 +84,8 @@ def _log_to_mlflow(cfg: DictConfig, metrics: dict[str, float], run_name: str, tr
     if trial.parent_run_id:
         tags["mlflow.parentRunId"] = trial.parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    try:  # the saved config is resolved: its aliases come from composing the run's overrides again
-        aliases = alias_keys(compose(list(cfg.get("overrides") or [])))
+    try:  # a saved config is resolved: its aliases come from composing the run's overrides again
+        aliases = alias_keys(cfg if as_composed else compose(list(cfg.get("overrides") or [])))
     except ConfigError:
         aliases = set()
     items = [(k, str(v)[:250]) for k, v in run_params(cfg, aliases).items()]
@@ -130,8 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     try:
         ckpt, result_file, axes = parse_arguments(argv)
+        config_file = axes.pop("config", [None])[0]
+        if config_file and axes:  # a sweep trial: its config as the driver built it, nothing to merge
+            raise ConfigError(f"config={config_file}: give the config file or settings, not both ({', '.join(sorted(axes))})")
         keys = sorted(axes)
-        base = base_config(ckpt)
+        base = read_config(config_file) if config_file else base_config(ckpt)
         settings = [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
         configs = [OmegaConf.merge(base, OmegaConf.from_dotlist([f"{k}={v}" for k, v in s.items()])) for s in settings]
         for cfg in configs:  # every setting, before the checkpoint is even loaded
@@ -148,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_progress(trial.progress_file, "evaluation", setting=setting)
         datamodule = datamodule or validation_datamodule(cfg)
         metrics = evaluate_checkpoint(cfg, module, datamodule)
-        _log_to_mlflow(cfg, metrics, str(cfg.get("run_name") or "evaluate"), trial)
+        _log_to_mlflow(cfg, metrics, str(cfg.get("run_name") or "evaluate"), trial, as_composed=bool(config_file))
         rows.append(({k: v for k, v in setting.items() if len(axes[k]) > 1}, metrics))
     _print_table(rows)
     if result_file:  # what the sweep driver reads back (orchestration.protocol)

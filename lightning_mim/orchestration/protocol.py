@@ -20,6 +20,10 @@ settings — and talks to it through two channels only:
   the others (`DRIVER_PHASES`: "asked", "exited", "recorded", "logging"). Both call `phase_reached`,
   which runs the hook named by `PHASE_HOOK_ENV` (`module:function`, called as `function(phase,
   **info)`) when it is set: tests place kills with it at exact points of a trial, not by timers.
+- the trial's config, going in: composed and checked once by the driver and written to the trial's
+  directory as it is composed, interpolations and all (`write_config`); the trial's process runs from
+  that file (`python -m lightning_mim.train --config=FILE`, `... .evaluate ckpt=... config=FILE`) and
+  composes nothing.
 - a JSON result file, coming out (`write_result` -> `read_result`), at `result_path(directory)`: a
   training writes it into its output directory (final metrics, step, checkpoint path, MLflow run id,
   the step it was pruned at or null); an evaluation writes it where its `result_file=` argument says
@@ -44,6 +48,7 @@ TRIAL_ENV = "LIGHTNING_MIM_OPTUNA_TRIAL"
 PROGRESS_ENV = "LIGHTNING_MIM_PROGRESS_FILE"
 OBJECTIVE_ENV = "LIGHTNING_MIM_OBJECTIVE"
 RESULT_FILE = "result.json"
+TRIAL_CONFIG = "config.yaml"  # the trial's config as the driver built it, in the trial's directory
 PROGRESS_FILE = "progress.json"
 PHASE_HOOK_ENV = "LIGHTNING_MIM_PHASE_HOOK"
 PRUNING_KEYS = ("storage", "study", "trial_id", "monitor", "pruner")
@@ -106,6 +111,36 @@ class TrialContext:
             progress_file=env.get(PROGRESS_ENV) or None,
             objective=env.get(OBJECTIVE_ENV) or None,
         )
+
+
+def write_config(cfg: Any, path: str | os.PathLike) -> Path:
+    """Write a trial's config (an OmegaConf DictConfig) to `path`, as composed: interpolations are kept,
+    so the trial's process resolves them as composing would have, and its stage keys are the driver's."""
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, path, resolve=False)
+    return path
+
+
+def read_config(path: str | os.PathLike) -> Any:
+    """The config a driver wrote with `write_config` (a DictConfig, not in struct mode, as `compose` gives);
+    `config.ConfigError` naming the file when it is missing or no config."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from lightning_mim.orchestration.config import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config={path}: no such file")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # YAML and OmegaConf errors
+        raise ConfigError(f"config={path}: not a config file ({type(err).__name__})") from None
+    if not isinstance(cfg, DictConfig) or "model" not in cfg:
+        raise ConfigError(f"config={path}: not a run's config (no model section)")
+    return cfg
 
 
 def result_path(directory: str | os.PathLike) -> Path:

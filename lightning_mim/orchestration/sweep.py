@@ -17,6 +17,7 @@ relaunch problems and keeps a crashing trial from taking the sweep down. The par
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import signal
@@ -29,13 +30,21 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import optuna
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from lightning_mim.locks import pid_alive
 from lightning_mim.orchestration.config import ConfigError, absolutize_paths, compose, report_config_error
 from lightning_mim.orchestration.launchers import TrialFailed, die_with_parent, launch, run_local
-from lightning_mim.orchestration.protocol import PROGRESS_FILE, TrialContext, phase_reached, read_result, result_path
+from lightning_mim.orchestration.protocol import (
+    PROGRESS_FILE,
+    TRIAL_CONFIG,
+    TrialContext,
+    phase_reached,
+    read_result,
+    result_path,
+    write_config,
+)
 from lightning_mim.orchestration.schema import config_problems, format_problem
 from lightning_mim.orchestration.stages import cached
 from lightning_mim.orchestration.sweep_console import TrialsBar, point_name, print_summary, write_sweep_report
@@ -48,15 +57,28 @@ __all__ = ["HEARTBEAT_SECONDS", "Sweep", "final_evaluation_only", "incomplete_po
 HELPER_FLAG = "--helper-worker"  # what `sweep.jobs=N` adds to the workers it starts
 
 
-def final_evaluation_only(cfg: DictConfig) -> list[str]:
-    """Overrides that leave each evaluation callback of `cfg` (metrics, pictures, probes) only its
-    end-of-training run. Callbacks are not part of the model's cache key: the trained weights are the
-    same either way (evaluations draw from their own seeded generators, under `fork_rng`)."""
+def final_evaluation_keys(cfg: DictConfig) -> list[str]:
+    """The keys that, set to null, leave each evaluation callback of `cfg` (metrics, pictures, probes)
+    only its end-of-training run. Callbacks are not part of the model's cache key: the trained weights
+    are the same either way (evaluations draw from their own seeded generators, under `fork_rng`)."""
     out = []
     for name, spec in (cfg.get("callbacks") or {}).items():
         if spec:
-            out += [f"callbacks.{name}.{key}=null" for key in ("every_n_steps", "every_n_epochs") if spec.get(key) is not None]
+            out += [f"callbacks.{name}.{key}" for key in ("every_n_steps", "every_n_epochs") if spec.get(key) is not None]
     return out
+
+
+def final_evaluation_only(cfg: DictConfig) -> list[str]:
+    """`final_evaluation_keys` as command-line overrides (`callbacks.pictures.every_n_steps=null`)."""
+    return [f"{key}=null" for key in final_evaluation_keys(cfg)]
+
+
+def as_written(cfg: DictConfig, key: str) -> Any:
+    """The value at dotted `key` of `cfg` as written: an interpolation stays `${...}`, a section stays
+    unresolved. (Stage keys hash configs as written: `stages.stage_key`.)"""
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    return OmegaConf.to_container(parent, resolve=False)[leaf]
 
 
 def running_elsewhere(trial: optuna.trial.FrozenTrial) -> bool:
@@ -90,6 +112,7 @@ class Sweep:
         self.spec = spec
         probe = compose([*spec.fixed, *base_overrides])
         absolutize_paths(probe)
+        self._defaults = probe  # every trial's config before the point's axes (`training_view`)
         self.home = Path(probe.paths.home)
         spec.resolve_seeds(int(probe.get("sweep_seeds", 1)))  # before the study name: seeds are an axis
         spec.resolve_jobs(int(probe.get("sweep_jobs", 1)))
@@ -197,7 +220,6 @@ class Sweep:
         """Train (or reuse) and evaluate the model of `params`; the objective's value."""
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
-        overrides = [*self.spec.trial_overrides(params), *self.base_overrides]
         trial_dir = self.sweep_dir / f"trial-{trial.number:04d}"
         tags = {"lightning_mim.role": "trial", "lightning_mim.study": self.study_name, "optuna.trial_number": str(trial.number)}
         context = TrialContext(parent_run_id=parent_run_id, tags=tags, progress_file=str(trial_dir / PROGRESS_FILE),
@@ -205,7 +227,7 @@ class Sweep:
         phase_reached("asked", trial=trial.number, progress_file=context.progress_file)
         run_name = point_name(params) or f"trial-{trial.number:03d}"  # MLflow shows children by their point
         try:
-            metrics, checkpoint = self._train_or_reuse(trial, overrides, trial_dir, run_name, context)
+            metrics, checkpoint = self._train_or_reuse(trial, params, trial_dir, run_name, context)
             trial.set_user_attr("checkpoint", checkpoint)  # the report finds the model's pictures beside it
         except optuna.TrialPruned:
             raise  # the training process already tagged its MLflow run optuna.state=PRUNED
@@ -223,40 +245,62 @@ class Sweep:
         self.runs.log_objective(trial.number, self.spec.objective, value)
         return value
 
+    def trial_config(self, params: dict[str, Any], run_name: str) -> DictConfig:
+        """The config of the trial at point `params`, composed and checked once, here: what its process
+        runs (written to the trial's directory) and what its stage-cache key comes from. Evaluations
+        before the last step are dropped unless the sweep prunes (`sweep.intermediate_evals`)."""
+        cfg = compose([*self.spec.trial_overrides(params), *self.base_overrides])
+        absolutize_paths(cfg)
+        if not self.spec.keeps_intermediate_evals():
+            for key in final_evaluation_keys(cfg):
+                OmegaConf.update(cfg, key, None, merge=False)
+        cfg.run_name = run_name
+        return cfg
+
+    def training_view(self, cfg: DictConfig, params: dict[str, Any]) -> DictConfig:
+        """`cfg` as its trained model sees it: each inference-only axis of the point (`decode.steps`)
+        back at the value it has without the sweep's axes. Trials that differ only there share this
+        view's stage-cache key, so one model is trained and the others evaluate it."""
+        view = copy.deepcopy(cfg)
+        for key in params:
+            if self.spec.is_inference_only(key):
+                OmegaConf.update(view, key, as_written(self._defaults, key), merge=False)
+        return view
+
     def _train_or_reuse(
-        self, trial: optuna.Trial, overrides: list[str], trial_dir: Path, run_name: str, context: TrialContext
+        self, trial: optuna.Trial, params: dict[str, Any], trial_dir: Path, run_name: str, context: TrialContext
     ) -> tuple[dict[str, float], str]:
         """Train the stage-2 model for these training settings once (the stage cache); evaluate it for
         the rest. A pruned training is not marked done: the next trial with the same settings resumes it.
         Returns (the trial's metrics, the trained checkpoint)."""
-        training_overrides = [o for o in overrides if not self.spec.is_inference_only(o.split("=", 1)[0].lstrip("+~"))]
-        train_cfg = compose(training_overrides)
-        absolutize_paths(train_cfg)
-        final_only = [] if self.spec.keeps_intermediate_evals() else final_evaluation_only(train_cfg)
+        cfg = self.trial_config(params, run_name)
+        config_file = trial_dir / TRIAL_CONFIG
         phase = dict(trial=trial.number, progress_file=context.progress_file)
 
         def train(stage_dir: Path) -> dict[str, Any]:
-            args = [sys.executable, "-m", "lightning_mim.train", *overrides, *final_only,
-                    f"run_name='{run_name}'", f"paths.output_dir={stage_dir}", "ckpt_path=last"]
+            cfg.paths.output_dir, cfg.ckpt_path = str(stage_dir), "last"  # a killed training resumes
+            write_config(cfg, config_file)
             pruning = dict(storage=self.storage_url, study=self.study_name, trial_id=self.study.trial_id(trial),
                            monitor=self.spec.objective, pruner=self.spec.effective_pruner())
             env = dataclasses.replace(context, pruning=pruning).environment()
-            self._launch(args, trial_dir / "train.log", env, train_cfg)
+            self._launch([sys.executable, "-m", "lightning_mim.train", f"--config={config_file}"], trial_dir / "train.log", env, cfg)
             phase_reached("exited", **phase)
             result = read_result(result_path(stage_dir))
             if result.get("pruned_at_step") is not None:
                 raise optuna.TrialPruned(f"pruned at step {result['pruned_at_step']}")
             return {**result, "trained_by": run_name}
 
-        trained, trained_now = cached(str(train_cfg.choices.get("model", "model")), train_cfg, train)
+        trained, trained_now = cached(str(cfg.choices.get("model", "model")), self.training_view(cfg, params), train)
         if trained_now:
             phase_reached("recorded", **phase)
             return trained["metrics"], trained["checkpoint"]
         # A checkpoint trained by an earlier trial: evaluate it at this trial's inference settings.
+        cfg.paths.output_dir = str(trial_dir)
+        write_config(cfg, config_file)
         result_file = result_path(trial_dir)
-        args = [sys.executable, "-m", "lightning_mim.evaluate", f"ckpt={trained['checkpoint']}", *overrides,
-                f"run_name='{run_name}'", f"paths.output_dir={trial_dir}", f"result_file={result_file}"]
-        self._launch(args, trial_dir / "evaluate.log", context.environment(), train_cfg)
+        args = [sys.executable, "-m", "lightning_mim.evaluate", f"ckpt={trained['checkpoint']}", f"config={config_file}",
+                f"result_file={result_file}"]
+        self._launch(args, trial_dir / "evaluate.log", context.environment(), cfg)
         phase_reached("exited", **phase)
         evaluated = read_result(result_file)
         return {**trained["metrics"], **evaluated["metrics"]}, trained["checkpoint"]

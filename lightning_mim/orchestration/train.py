@@ -23,7 +23,7 @@ from lightning_mim.orchestration import pruning_callback
 from lightning_mim.orchestration.noise import filter_known_noise
 from lightning_mim.orchestration.config import ConfigError, absolutize_paths, compose, config_groups, group_options, report_config_error
 from lightning_mim.orchestration.trial_progress import TrialProgress
-from lightning_mim.orchestration.protocol import TrialContext, objective_metric, result_path, write_progress, write_result
+from lightning_mim.orchestration.protocol import TrialContext, objective_metric, read_config, result_path, write_progress, write_result
 from lightning_mim.orchestration.schema import check_config
 from lightning_mim.orchestration.stages import prepare_stage_inputs
 from lightning_mim.orchestration.tracking import log_run_config, mlflow_logger, reserve_first_metric, run_params_and_path_tags
@@ -163,6 +163,7 @@ def _print_help() -> None:
         "  python -m lightning_mim.train run_name=myrun ckpt_path=last     # resume a killed run",
         "  --cfg   print the composed config and exit",
         "  --stages-only   train (or find) the earlier stages the run needs, e.g. its tokenizer, and exit",
+        "  --config=FILE   run the config in FILE as it is (what a sweep's driver writes for each trial)",
     ]
     print("\n".join(lines))
 
@@ -174,9 +175,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     show_cfg = "--cfg" in argv
     stages_only = "--stages-only" in argv
-    overrides = [a for a in argv if a not in ("--cfg", "--stages-only")]
+    config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    overrides = [a for a in argv if a not in ("--cfg", "--stages-only") and not a.startswith("--config=")]
     try:
-        cfg = compose(overrides)
+        if config_file and overrides:
+            raise ConfigError(f"--config={config_file}: give the config file or overrides, not both ({' '.join(overrides)})")
+        cfg = read_config(config_file) if config_file else compose(overrides)  # a sweep trial: the driver's config
         if not show_cfg:
             check_config(cfg)  # values, cross-field rules, files: before any data, tokenizer or model
     except ConfigError as err:
