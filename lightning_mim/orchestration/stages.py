@@ -79,7 +79,7 @@ def is_stage2(cfg: DictConfig) -> bool:
     return "tokenizer" in cfg.model
 
 
-def prepare_stage_inputs(cfg: DictConfig, train: Train) -> None:
+def ensure_earlier_stages(cfg: DictConfig, train: Train) -> None:
     """Fill in what the run's model needs from earlier stages (today: the tokenizer checkpoint),
     training it with `train` when the cache has none."""
     if not is_stage2(cfg):

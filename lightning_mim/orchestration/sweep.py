@@ -144,7 +144,7 @@ class Sweep:
                 raise ConfigError("\n".join(lines))
 
     # -- the study and the parent run ---------------------------------------------------------------
-    def prepare(self) -> optuna.Study:
+    def create_stores(self) -> optuna.Study:
         """Create the study, the MLflow experiment and the parent run (what a cluster driver does
         once before starting workers)."""
         study = self.study.open()
@@ -339,7 +339,7 @@ Rerunning the same command resumes the study. Several workers may run the same c
 """
 
 
-def prepare_shared_stages(sweep: Sweep) -> None:
+def train_shared_stages(sweep: Sweep) -> None:
     """Train the stages every trial shares (today: the tokenizer) once, with all the cores, before
     several workers start: otherwise one worker trains it on one core while the others wait for it."""
     first = sweep.spec.grid_points()[0] if sweep.spec.is_grid else sweep.spec.points_to_validate()[0]
@@ -355,7 +355,7 @@ def prepare_shared_stages(sweep: Sweep) -> None:
 def start_local_workers(sweep: Sweep, argv: Sequence[str], jobs: int) -> list[subprocess.Popen]:
     """`sweep.jobs=N`: N-1 more workers of this same sweep on this machine (the multi-worker path of a
     cluster, on one host), so N trials train at once. The caller has created the study and the MLflow
-    parent run (`Sweep.prepare`), so the workers do not race for them. Unless OMP_NUM_THREADS is set, the cores are shared out:
+    parent run (`Sweep.create_stores`), so the workers do not race for them. Unless OMP_NUM_THREADS is set, the cores are shared out:
     tiny models use one core better than two (digits MaskGIT: two one-core trials train 1.25x faster than
     one two-core trial), so N trials at cores/N threads beat one trial on all the cores."""
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
@@ -385,15 +385,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         return report_config_error(err)
     if prepare_only:
-        sweep.prepare()
+        sweep.create_stores()
         print(f"prepared study {sweep.study_name} in {sweep.storage_url}")
         return 0
     start = time.time()
     workers: list[subprocess.Popen] = []
     try:
         # helpers (and the shared stages first) only when there is work: a finished sweep's rerun needs none
-        if spec.jobs > 1 and sweep.study.has_work(sweep.prepare()):
-            prepare_shared_stages(sweep)
+        if spec.jobs > 1 and sweep.study.has_work(sweep.create_stores()):
+            train_shared_stages(sweep)
             workers = start_local_workers(sweep, argv, spec.jobs)
         trials = sweep.run(finish=not (helper or workers))
         if helper:

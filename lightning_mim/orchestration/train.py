@@ -25,7 +25,7 @@ from lightning_mim.orchestration.config import ConfigError, absolutize_paths, co
 from lightning_mim.orchestration.trial_progress import TrialProgress
 from lightning_mim.orchestration.protocol import TrialContext, objective_metric, read_config, result_path, write_progress, write_result
 from lightning_mim.orchestration.schema import check_config
-from lightning_mim.orchestration.stages import prepare_stage_inputs
+from lightning_mim.orchestration.stages import ensure_earlier_stages
 from lightning_mim.orchestration.tracking import log_run_config, mlflow_logger, reserve_first_metric, run_params_and_path_tags
 
 RUN_NAME_ENV = "LIGHTNING_MIM_RUN_NAME"  # DDP relaunches: every rank resolves the first process's run name
@@ -46,7 +46,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trial = TrialContext.from_environment()  # empty outside a sweep
     phase = "tokenizer" if str(cfg.model.get("_target_", "")).endswith("TokenizerModule") else "training"
     write_progress(trial.progress_file, "set-up" if phase == "training" else phase)
-    prepare_stage_inputs(cfg, run)  # e.g. trains (or reuses) the tokenizer a stage-2 model needs
+    ensure_earlier_stages(cfg, run)  # e.g. trains (or reuses) the tokenizer a stage-2 model needs
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
     params_and_tags = run_params_and_path_tags(cfg)  # before instantiate() resolves interpolations in place
 
@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if stages_only:  # what a sweep with several workers does first, with all the cores
         absolutize_paths(cfg)
         filter_known_noise()
-        prepare_stage_inputs(cfg, run)
+        ensure_earlier_stages(cfg, run)
         print(json.dumps({"tokenizer.ckpt": cfg.tokenizer.get("ckpt") if "tokenizer" in cfg else None}))
         return 0
     result = run(cfg)
