@@ -9,9 +9,8 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from lightning_mim.orchestration.sweep import incomplete_points
 from lightning_mim.orchestration.sweep_spec import parse
-from lightning_mim.orchestration.sweep_study import Heartbeat, suggest, trial_id
+from lightning_mim.orchestration.sweep_study import Heartbeat, incomplete_points, suggest, trial_id
 
 GRID = CategoricalDistribution(["cosine", "linear", "sqrt"])
 

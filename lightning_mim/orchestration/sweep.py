@@ -33,7 +33,6 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from lightning_mim.locks import pid_alive
 from lightning_mim.orchestration.config import ConfigError, absolutize_paths, compose, report_config_error
 from lightning_mim.orchestration.launchers import TrialFailed, die_with_parent, launch, run_local
 from lightning_mim.orchestration.protocol import (
@@ -49,10 +48,10 @@ from lightning_mim.orchestration.schema import config_problems, format_problem
 from lightning_mim.orchestration.stages import cached
 from lightning_mim.orchestration.sweep_console import TrialsBar, point_name, print_summary, write_sweep_report
 from lightning_mim.orchestration.sweep_spec import SweepSpec, named_sweeps, parse, write_spec
-from lightning_mim.orchestration.sweep_study import HEARTBEAT_SECONDS, INTERRUPTED, SweepStudy, point_key
+from lightning_mim.orchestration.sweep_study import HEARTBEAT_SECONDS, INTERRUPTED, SweepStudy, incomplete_points
 from lightning_mim.orchestration.sweep_tracking import SweepRuns
 
-__all__ = ["HEARTBEAT_SECONDS", "Sweep", "final_evaluation_only", "incomplete_points", "main", "point_name", "running_elsewhere"]
+__all__ = ["HEARTBEAT_SECONDS", "Sweep", "final_evaluation_only", "main", "point_name"]
 
 HELPER_FLAG = "--helper-worker"  # what `sweep.jobs=N` adds to the workers it starts
 
@@ -79,29 +78,6 @@ def as_written(cfg: DictConfig, key: str) -> Any:
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
     return OmegaConf.to_container(parent, resolve=False)[leaf]
-
-
-def running_elsewhere(trial: optuna.trial.FrozenTrial) -> bool:
-    """Whether a RUNNING trial is still being run, by a live worker on this host or by one elsewhere
-    (whose heartbeats the next run of the sweep checks)."""
-    attrs = trial.user_attrs
-    if trial.state != TrialState.RUNNING:
-        return False
-    return attrs.get("host") != socket.gethostname() or pid_alive(int(attrs.get("pid", -1)))
-
-
-def incomplete_points(spec: SweepSpec, trials: Sequence[optuna.trial.FrozenTrial]) -> list[str]:
-    """The points a finished run of the sweep leaves without a result, as people write them: grid points
-    with no COMPLETE or PRUNED trial (nor one another worker is running); for search spaces, failed
-    trials never redone well and the trials short of `sweep.n_trials`."""
-    ended = {point_key(t.params) for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or running_elsewhere(t)}
-    if spec.is_grid:
-        return [point_name(p) for p in spec.grid_points() if point_key(p) not in ended]
-    failed = {point_key(t.params): point_name(t.params) for t in trials if t.state == TrialState.FAIL and t.params}
-    missing = [name for key, name in failed.items() if key not in ended]
-    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or running_elsewhere(t) for t in trials)
-    short = max(0, spec.total_trials() - finished - len(missing))
-    return missing + ([f"{short} more trial(s) of sweep.n_trials={spec.n_trials}"] if short else [])
 
 
 class Sweep:

@@ -23,7 +23,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
@@ -31,6 +31,7 @@ from optuna.trial import TrialState
 
 from lightning_mim.locks import file_lock, pid_alive
 from lightning_mim.orchestration.pruning import build_pruner, rdb_storage
+from lightning_mim.orchestration.sweep_console import point_name
 from lightning_mim.orchestration.sweep_spec import SweepSpec, search_space_for_tpe
 
 HEARTBEAT_SECONDS = 30
@@ -120,6 +121,29 @@ def database_lock(storage_url: str, name: str) -> Iterator[None]:
         engine.dispose()
 
 
+def running_elsewhere(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a RUNNING trial is still being run, by a live worker on this host or by one elsewhere
+    (whose heartbeats the next run of the sweep checks)."""
+    attrs = trial.user_attrs
+    if trial.state != TrialState.RUNNING:
+        return False
+    return attrs.get("host") != socket.gethostname() or pid_alive(int(attrs.get("pid", -1)))
+
+
+def incomplete_points(spec: SweepSpec, trials: Sequence[optuna.trial.FrozenTrial]) -> list[str]:
+    """The points a finished run of the sweep leaves without a result, as people write them: grid points
+    with no COMPLETE or PRUNED trial (nor one another worker is running); for search spaces, failed
+    trials never redone well and the trials short of `sweep.n_trials`."""
+    ended = {point_key(t.params) for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or running_elsewhere(t)}
+    if spec.is_grid:
+        return [point_name(p) for p in spec.grid_points() if point_key(p) not in ended]
+    failed = {point_key(t.params): point_name(t.params) for t in trials if t.state == TrialState.FAIL and t.params}
+    missing = [name for key, name in failed.items() if key not in ended]
+    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or running_elsewhere(t) for t in trials)
+    short = max(0, spec.total_trials() - finished - len(missing))
+    return missing + ([f"{short} more trial(s) of sweep.n_trials={spec.n_trials}"] if short else [])
+
+
 class SweepStudy:
     """The Optuna study of one sweep spec, named `name`, in the RDB at `storage_url`; `lock_dir` holds
     the file locks of the workers that share this home."""
@@ -165,12 +189,10 @@ class SweepStudy:
         stale heartbeats elsewhere. Kills and Ctrl-C do not count as tries; a trial that raised is
         retried `spec.retries` times in all.
         """
-        host = socket.gethostname()
         with self.lock("ask"):
             running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             for trial in running:
-                attrs = trial.user_attrs
-                if attrs.get("host") == host and not pid_alive(int(attrs.get("pid", -1))):
+                if not running_elsewhere(trial):  # its driver on this host is gone
                     self.fail(study, trial.number, DRIVER_DIED)
             optuna.storages.fail_stale_trials(study)
             trials = study.get_trials(deepcopy=False)
