@@ -39,6 +39,17 @@ MALFORMED = [
     (["data=imagefolder", "data.root=/nowhere/images", "data.num_classes=3"], "data.root=/nowhere/images", "existing image folder"),
     (["experiment=digits_mage", "ratio.mean=1.5"], "ratio.mean=1.5", "must be <= 1"),
     (["seed=-1"], "seed=-1", "must be >= 0"),
+    # strict types, finite numbers, names the library owns, settings that must agree
+    (["decode.steps=true"], "decode.steps=True", "must be an integer"),
+    (["decode.steps='8'"], "decode.steps=8", "must be an integer"),
+    (["model.optim.lr=inf"], "model.optim.lr=inf", "must be a finite number"),
+    (["model.optim.lr=nan"], "model.optim.lr=nan", "must be a finite number"),
+    (["model.optim.name=nope"], "model.optim.name=nope", "must be one of adam, adamw"),
+    (["model.optim.schedule=nope"], "model.optim.schedule=nope", "must be one of constant, cosine"),
+    (["experiment=digits_mage", "ratio=uniform", "ratio.low=0.9", "ratio.high=0.1"], "ratio.low=0.9", "must be <= ratio.high=0.1"),
+    (["trainer.precision=abc"], "trainer.precision=abc", "must be one of"),
+    (["trainer.devices=0"], "trainer.devices=0", "must be >= 1, -1 (all), 'auto'"),
+    (["evaluation.split=nope"], "evaluation.split=nope", "must be one of train, val, test"),
 ]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -100,13 +101,15 @@ def _log_to_mlflow(cfg: DictConfig, metrics: dict[str, float], run_name: str, tr
     return run.info.run_id
 
 
-def parse_arguments(argv: Sequence[str]) -> tuple[Path, str | None, dict[str, list[str]]]:
-    """(checkpoint, result file or None, {config key: [values]}) from `ckpt=PATH key=a,b ...` (Hydra's
+def parse_arguments(argv: Sequence[str]) -> tuple[Path, str | None, dict[str, list[str]], set[str]]:
+    """(checkpoint, result file or None, {config key: [values]}, the keys given as `+key=` additions)
+    from `ckpt=PATH key=a,b ...` (Hydra's
     grammar; a comma list is a grid axis). Group choices (`schedule=...`) are skipped: they are training
     settings, already in the checkpoint's saved config."""
     groups = set(config_groups())
     ckpt = result_file = None
     axes: dict[str, list[str]] = {}
+    added: set[str] = set()
     for override in parse_overrides(argv):
         key = override.key_or_group
         values = [str(v) for v in override.sweep_string_iterator()] if override.is_sweep_override() else [
@@ -118,12 +121,22 @@ def parse_arguments(argv: Sequence[str]) -> tuple[Path, str | None, dict[str, li
             result_file = values[0]
         elif key not in groups:
             axes[key] = values
+            if override.input_line.startswith("+"):
+                added.add(key)
     if ckpt is None:
         raise ConfigError("give ckpt=PATH (a stage-2 checkpoint)")
     path = Path(ckpt).expanduser()
     if not path.is_file():
         raise ConfigError(f"ckpt={path}: no such checkpoint file")
-    return path, result_file, axes
+    if not zipfile.is_zipfile(path):  # what torch.save writes; an empty or cut file is not one
+        raise ConfigError(f"ckpt={path}: not a checkpoint (no PyTorch zip archive: the file is damaged or of another kind)")
+    return path, result_file, axes, added
+
+
+def unknown_keys(cfg: DictConfig, keys: Sequence[str]) -> list[str]:
+    """The dotted `keys` that `cfg` (the checkpoint's config) does not have: a typo, not a setting."""
+    missing = object()
+    return [key for key in keys if OmegaConf.select(cfg, key, default=missing) is missing]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,12 +145,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if status is not None:
         return status
     try:
-        ckpt, result_file, axes = parse_arguments(argv)
+        ckpt, result_file, axes, added = parse_arguments(argv)
         config_file = axes.pop("config", [None])[0]
         if config_file and axes:  # a sweep trial: its config as the driver built it, nothing to merge
             raise ConfigError(f"config={config_file}: give the config file or settings, not both ({', '.join(sorted(axes))})")
         keys = sorted(axes)
         base = read_config(config_file) if config_file else base_config(ckpt)
+        for key in unknown_keys(base, [k for k in keys if k not in added]):
+            raise ConfigError(f"{key}={','.join(axes[key])}: no such setting in the run's config (add one with +{key}=...)")
         settings = [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
         configs = [OmegaConf.merge(base, OmegaConf.from_dotlist([f"{k}={v}" for k, v in s.items()])) for s in settings]
         for cfg in configs:  # every setting, before the checkpoint is even loaded

@@ -15,7 +15,7 @@ files that must exist are plain functions below, each returning `(key, value, wh
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -27,7 +27,9 @@ Problem = tuple[str, Any, str]  # (dotted key, value, what is allowed)
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown keys are Hydra's job (struct mode)
+    # unknown keys are Hydra's job (struct mode); strict: no `true` or '8' for an integer, no '1e-3'
+    # string for a number (an int is a number); no inf or nan where a finite number is meant
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 def probability(default: Any = ...) -> Any:
@@ -49,7 +51,7 @@ class Optim(_Section):
     weight_decay: float = Field(default=0.0, ge=0.0)
     warmup_steps: Optional[int] = Field(default=None, ge=0)
     warmup_epochs: Optional[float] = Field(default=None, ge=0.0)
-    betas: Optional[tuple[float, float]] = None
+    betas: Optional[list[float]] = Field(default=None, min_length=2, max_length=2)
     min_lr_ratio: Optional[float] = Field(default=None, ge=0.0, le=1.0)
 
 
@@ -100,7 +102,7 @@ class Trainer(_Section):
             raise ValueError("must be -1 (no step limit) or >= 1")
         return value
     max_epochs: Optional[int] = Field(default=None, ge=-1)
-    devices: Any = None
+    devices: Union[int, str, list[int], None] = None
     num_nodes: int = Field(default=1, ge=1)
     accumulate_grad_batches: int = Field(default=1, ge=1)
     log_every_n_steps: int = Field(default=50, ge=1)
@@ -135,10 +137,14 @@ def _allowed(error: dict[str, Any]) -> str:
     if kind in bounds:
         op, name = bounds[kind]
         return f"must be {op} {ctx[name]}"
+    if kind == "finite_number":
+        return "must be a finite number"
     if kind.startswith("int_"):
         return "must be an integer"
     if kind.startswith("float_"):
         return "must be a number"
+    if kind in ("too_long", "list_type") and error["loc"] and error["loc"][-1] == "betas":
+        return "must be a list of two numbers"
     if kind.startswith("bool_"):
         return "must be true or false"
     if kind == "literal_error":
@@ -213,6 +219,53 @@ def _shape_problems(plain: dict[str, Any]) -> list[Problem]:
     return problems
 
 
+def _library_name_problems(plain: dict[str, Any]) -> list[Problem]:
+    """Names whose valid values the library (or Lightning) owns: the optimiser and its learning-rate
+    schedule (`optim.OPTIMIZERS`, `optim.LR_SCHEDULES`), the evaluation's split (`eval.loaders.SPLIT_NAMES`),
+    the trainer's precision (Lightning's own list)."""
+    from lightning_mim.eval.loaders import SPLIT_NAMES
+    from lightning_mim.optim import LR_SCHEDULES, OPTIMIZERS
+
+    problems = []
+    optim = (plain.get("model") or {}).get("optim") or {}
+    for key, valid in (("name", tuple(OPTIMIZERS)), ("schedule", LR_SCHEDULES)):
+        if key in optim and optim[key] not in valid:
+            problems.append((f"model.optim.{key}", optim[key], f"must be one of {', '.join(valid)}"))
+    split = (plain.get("evaluation") or {}).get("split")
+    if split is not None and split not in SPLIT_NAMES:
+        problems.append(("evaluation.split", split, f"must be one of {', '.join(SPLIT_NAMES)}"))
+    precision = (plain.get("trainer") or {}).get("precision")
+    valid_precision = lightning_precisions()
+    if precision is not None and str(precision) not in valid_precision:
+        problems.append(("trainer.precision", precision, f"must be one of {', '.join(valid_precision)}"))
+    return problems
+
+
+def lightning_precisions() -> tuple[str, ...]:
+    """The `Trainer(precision=...)` values Lightning accepts, from its own type (a private name there:
+    the one place the list is written)."""
+    from typing import get_args
+
+    from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+
+    return (*get_args(_PRECISION_INPUT_STR), *get_args(_PRECISION_INPUT_STR_ALIAS))
+
+
+def _pair_problems(plain: dict[str, Any]) -> list[Problem]:
+    """Settings that must agree with each other: a ratio's bounds, the trainer's devices."""
+    problems = []
+    ratio = plain.get("ratio") or {}
+    low, high = ratio.get("low"), ratio.get("high")
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)) and low > high:
+        problems.append(("ratio.low", low, f"must be <= ratio.high={high}"))
+    devices = (plain.get("trainer") or {}).get("devices")
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices < 1 and devices != -1:
+        problems.append(("trainer.devices", devices, "must be >= 1, -1 (all), 'auto' or a list of device ids"))
+    elif isinstance(devices, str) and devices != "auto" and not devices.replace(",", "").isdigit():
+        problems.append(("trainer.devices", devices, "must be >= 1, -1 (all), 'auto' or a list of device ids"))
+    return problems
+
+
 def _file_problems(plain: dict[str, Any]) -> list[Problem]:
     problems = []
 
@@ -244,6 +297,8 @@ def config_problems(cfg: DictConfig) -> list[Problem]:
     plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     problems = _type_problems(plain)
     problems += [p for p in _schedule_problems(plain) if p[0] not in {q[0] for q in problems}]
+    seen = {q[0] for q in problems}
+    problems += [p for p in _library_name_problems(plain) + _pair_problems(plain) if p[0] not in seen]
     return problems + _shape_problems(plain) + _file_problems(plain)
 
 

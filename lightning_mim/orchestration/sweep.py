@@ -109,7 +109,7 @@ class Sweep:
         space, up front: a bad value fails now, in one line naming the point, not in trial 7."""
         for point in self.spec.points_to_validate():
             cfg = compose([*self.spec.trial_overrides(point), *self.base_overrides])
-            shown = " ".join(f"{k}={v}" for k, v in point.items() if k != "seed")
+            shown = " ".join(f"{k}={v}" for k, v in point.items())
             lines = []
             for problem in config_problems(cfg):
                 line = format_problem(problem)

@@ -27,6 +27,7 @@ from lightning_mim.orchestration.pruning import PRUNERS
 DIRECTIONS = ("minimize", "maximize")
 DEFAULT_INFERENCE_ONLY = ("decode.",)
 INTERMEDIATE_EVALS = ("auto", "true", "false")
+MAX_POINTS_TO_CHECK = 1000  # combinations of a search space's values checked before a sweep starts
 
 
 @dataclass
@@ -106,17 +107,26 @@ class SweepSpec:
         return [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
 
     def points_to_validate(self) -> list[dict[str, str]]:
-        """What to check before the first trial: every grid point (one seed: seeds change no config
-        rule), or for search spaces every choice and both bounds of each range, the other keys at
-        their first value."""
+        """What to check before the first trial: every grid point, whatever its seed (a user's seed axis
+        is checked like any other); for search spaces every combination of the categorical choices and
+        the integer values, with each continuous dimension at both bounds. More than
+        `MAX_POINTS_TO_CHECK` combinations is refused (`ConfigError`, saying so)."""
         if self.is_grid:
-            return [p for p in self.grid_points() if p.get("seed", "0") == "0"]
-        extremes = {key: _extremes(dist) for key, dist in self.search.items()}
-        first = {key: values[0] for key, values in extremes.items()}
-        points = [dict(first)]
-        for key, values in extremes.items():
-            points += [{**first, key: value} for value in values[1:]]
-        return points
+            if (self.seeds or 1) == 1:
+                return self.grid_points()
+            # the seeds 0..N-1 of `sweep.seeds` are valid seeds: each point's other settings once
+            unique = {json.dumps({k: v for k, v in p.items() if k != "seed"}, sort_keys=True): None for p in self.grid_points()}
+            return [json.loads(point) for point in unique]
+        space = {**{k: [str(v) for v in vs] for k, vs in self.grid_space().items()},
+                 **{key: _values_to_check(dist) for key, dist in self.search.items()}}
+        count = 1
+        for values in space.values():
+            count *= len(values)
+        if count > MAX_POINTS_TO_CHECK:
+            raise ConfigError(f"the search space has {count} combinations of values to check (more than "
+                              f"{MAX_POINTS_TO_CHECK}): narrow its choice()/range() dimensions or use interval()")
+        keys = sorted(space)
+        return [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
 
     def total_trials(self) -> int:
         if self.is_grid:
@@ -146,10 +156,15 @@ class SweepSpec:
         return [*self.fixed, *(f"{k}={v}" for k, v in sorted(params.items()))]
 
 
-def _extremes(dist: optuna.distributions.BaseDistribution) -> list[str]:
-    """The values of a search space a config check must see: every choice, or both bounds."""
+def _values_to_check(dist: optuna.distributions.BaseDistribution) -> list[str]:
+    """The values of a search-space dimension a config check must see: every choice, every integer of
+    a range (up to MAX_POINTS_TO_CHECK), or both bounds of a continuous interval."""
     if isinstance(dist, optuna.distributions.CategoricalDistribution):
         return [str(c) for c in dist.choices]
+    if isinstance(dist, optuna.distributions.IntDistribution) and not dist.log:
+        count = (dist.high - dist.low) // dist.step + 1
+        if count <= MAX_POINTS_TO_CHECK:
+            return [str(v) for v in range(dist.low, dist.high + 1, dist.step)]
     return [repr(dist.low), repr(dist.high)]
 
 
@@ -167,6 +182,11 @@ def _distribution(override) -> optuna.distributions.BaseDistribution:
             return optuna.distributions.IntDistribution(values[0], values[-1], step=int(step))
         return optuna.distributions.CategoricalDistribution(list(override.sweep_string_iterator()))
     if isinstance(value, IntervalSweep):
+        if not float(value.start) < float(value.end):
+            raise ConfigError(f"{key}={override.input_line.split('=', 1)[1]}: interval bounds must be increasing "
+                              f"(low < high), got {value.start} and {value.end}")
+        if "log" in value.tags and float(value.start) <= 0:
+            raise ConfigError(f"{key}={override.input_line.split('=', 1)[1]}: a log interval's bounds must be > 0")
         log = "log" in value.tags
         if "int" in value.tags:
             return optuna.distributions.IntDistribution(int(value.start), int(value.end), log=log)
