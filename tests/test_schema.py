@@ -110,3 +110,13 @@ def test_the_real_command_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: decode.steps=-3: must be >= 1"
     assert not (tmp_path / "home").exists()
+
+
+def test_the_precisions_the_check_allows_are_lightnings_own():
+    from typing import get_args
+
+    from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+
+    from lightning_mim.orchestration.schema import PRECISIONS
+
+    assert set(PRECISIONS) == {*get_args(_PRECISION_INPUT_STR), *get_args(_PRECISION_INPUT_STR_ALIAS)}

@@ -24,6 +24,11 @@ from lightning_mim.orchestration.config import ConfigError
 from lightning_mim.tokens import downsample_factor
 
 Problem = tuple[str, Any, str]  # (dotted key, value, what is allowed)
+# `Trainer(precision=...)` values: Lightning's own list (`lightning.fabric.connector._PRECISION_INPUT_STR`
+# and its aliases; tests/test_schema.py checks they are equal), written here because importing Lightning
+# to read it costs a sweep driver, which otherwise imports no Lightning, seconds.
+PRECISIONS = ("transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true", "bf16-mixed",
+              "32-true", "64-true", "64", "32", "16", "bf16")
 
 
 class _Section(BaseModel):
@@ -222,7 +227,7 @@ def _shape_problems(plain: dict[str, Any]) -> list[Problem]:
 def _library_name_problems(plain: dict[str, Any]) -> list[Problem]:
     """Names whose valid values the library (or Lightning) owns: the optimiser and its learning-rate
     schedule (`optim.OPTIMIZERS`, `optim.LR_SCHEDULES`), the evaluation's split (`eval.loaders.SPLIT_NAMES`),
-    the trainer's precision (Lightning's own list)."""
+    the trainer's precision (`PRECISIONS`)."""
     from lightning_mim.eval.loaders import SPLIT_NAMES
     from lightning_mim.optim import LR_SCHEDULES, OPTIMIZERS
 
@@ -235,23 +240,9 @@ def _library_name_problems(plain: dict[str, Any]) -> list[Problem]:
     if split is not None and split not in SPLIT_NAMES:
         problems.append(("evaluation.split", split, f"must be one of {', '.join(SPLIT_NAMES)}"))
     precision = (plain.get("trainer") or {}).get("precision")
-    valid_precision = lightning_precisions()
-    if precision is not None and valid_precision and str(precision) not in valid_precision:
-        problems.append(("trainer.precision", precision, f"must be one of {', '.join(valid_precision)}"))
+    if precision is not None and str(precision) not in PRECISIONS:
+        problems.append(("trainer.precision", precision, f"must be one of {', '.join(PRECISIONS)}"))
     return problems
-
-
-def lightning_precisions() -> tuple[str, ...]:
-    """The `Trainer(precision=...)` values Lightning accepts, from its own type (a private name there:
-    the one place the list is written); () where this Lightning names it otherwise (then Lightning's
-    own check, when the trainer is built, is the only one)."""
-    from typing import get_args
-
-    try:
-        from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
-    except ImportError:
-        return ()
-    return (*get_args(_PRECISION_INPUT_STR), *get_args(_PRECISION_INPUT_STR_ALIAS))
 
 
 def _pair_problems(plain: dict[str, Any]) -> list[Problem]:
