@@ -8,7 +8,7 @@ training steps alone (the goal of the trial-cost work: <= 1.5x).
     python benchmarks/sweep_cost.py trainer.max_steps=200  # any train override
 
 Phases:
-- interpreter + imports: `python -c "import lightning_mim.orchestration.train"` in a fresh process
+- interpreter + imports: `python -c "import lightning_mim.orchestration.training"` in a fresh process
   (what every trial process pays before its first line of work), measured separately;
 - stages: the shared tokenizer (trained once per sweep, then cached) — reported, not counted in the trial;
 - set-up: compose the config, build data / model / trainer, open the MLflow run and log its params;
@@ -20,7 +20,7 @@ Phases:
 
 Why written here: Lightning's `SimpleProfiler` reports hook totals but cannot attribute a callback's
 time to "evaluation" vs "pictures" or the tokenizer's share inside `training_step`; this wraps exactly
-the methods whose time the issue asks for, in-process, and runs the real `orchestration.train.run`.
+the methods whose time the issue asks for, in-process, and runs the real `orchestration.training.run`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import lightning.pytorch as pl
 from lightning_mim.orchestration.config import compose
 from lightning_mim.orchestration.stages import ensure_tokenizer
 from lightning_mim.orchestration.sweep import final_evaluation_only
-from lightning_mim.orchestration.train import run
+from lightning_mim.orchestration.training import run
 
 CALLBACK_HOOKS = (
     "setup", "on_fit_start", "on_train_start", "on_train_batch_end", "on_validation_start", "on_validation_epoch_end",
@@ -102,12 +102,12 @@ def import_seconds() -> float:
         subprocess.run([sys.executable, "-c", code], check=True)
         return time.perf_counter() - start
 
-    return min(timed("import lightning_mim.orchestration.train") for _ in range(2))
+    return min(timed("import lightning_mim.orchestration.training") for _ in range(2))
 
 
 def measure_trial(base: list[str], overrides: list[str], *, memo: bool) -> tuple[list[tuple[str, float, int]], float, float, int]:
     """Run one trial in this process; (rows, wall seconds, training-step seconds, steps)."""
-    import lightning_mim.orchestration.train as train_module
+    import lightning_mim.orchestration.training as train_module
     from lightning_mim.modules.token_memo import TokenMemo
 
     imports = import_seconds()

@@ -24,75 +24,17 @@ Differences from the official code, all documented where they live:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from lightning_mim.masking import gamma, resolve_device, validate_schedule
+from lightning_mim.settings import GUIDANCE_RAMPS, DecodeSettings, validated, validated_field  # DecodeSettings: what decode() takes, typed
 
 __all__ = ["decode", "masked_counts", "guidance_at", "DecodeSettings", "GUIDANCE_RAMPS", "LogitsFn"]
 
 LogitsFn = Callable[[Tensor], Tensor]
-GUIDANCE_RAMPS = ("constant", "linear")
-
-
-@dataclass(frozen=True)
-class DecodeSettings:
-    """The settings of a run's decoding, named exactly as `decode()`'s parameters, so that
-    `decode(logits_fn, tokens, mask_id=..., **settings.as_kwargs())` holds.
-
-    No defaults here: the `decode` config group (`conf/decode/*.yaml`) is their one source, and a
-    module gets a complete set from its config. Validated on construction, one line per problem.
-    steps: T >= 1. schedule: a mask schedule name (`masking.SCHEDULES`). choice_temperature >= 0:
-    Gumbel scale on the confidence. temperature >= 0: softmax temperature (0 = argmax).
-    guidance_scale >= 0: classifier-free guidance (0 = off). guidance_ramp: one of GUIDANCE_RAMPS.
-    """
-
-    steps: int
-    schedule: str
-    choice_temperature: float
-    temperature: float
-    guidance_scale: float
-    guidance_ramp: str
-
-    def __post_init__(self) -> None:
-        for name, kind in (("steps", int), ("choice_temperature", float), ("temperature", float), ("guidance_scale", float)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-                raise ValueError(f"decode.{name}={value!r}: expected {'an integer' if kind is int else 'a number'}")
-            object.__setattr__(self, name, kind(value))
-        if self.steps < 1:
-            raise ValueError(f"decode.steps={self.steps}: must be >= 1")
-        for name in ("choice_temperature", "temperature", "guidance_scale"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"decode.{name}={getattr(self, name)}: must be >= 0")
-        validate_schedule(self.schedule, n_tokens=1)  # unknown names fail here; N comes at decode time
-        if self.guidance_ramp not in GUIDANCE_RAMPS:
-            raise ValueError(f"decode.guidance_ramp={self.guidance_ramp!r}; valid: {', '.join(GUIDANCE_RAMPS)}")
-
-    @classmethod
-    def from_mapping(cls, settings: Mapping[str, Any]) -> "DecodeSettings":
-        """From a config section (`cfg.decode`, a module's `decode` hyper-parameter): every field, no other key."""
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(settings) - set(names))
-        if unknown:
-            raise ValueError(f"unknown decode setting(s) {unknown}; valid: {', '.join(names)}")
-        missing = [n for n in names if n not in settings]
-        if missing:
-            raise ValueError(f"decode settings lack {missing}: give all of {', '.join(names)} (conf/decode/ has them)")
-        return cls(**{n: settings[n] for n in names})
-
-    def replace(self, **overrides: Any) -> "DecodeSettings":
-        """A copy with some fields changed (e.g. `steps=12` at evaluation); unknown names are an error."""
-        unknown = sorted(set(overrides) - {f.name for f in fields(self)})
-        if unknown:
-            raise ValueError(f"unknown decode setting(s) {unknown}; valid: {', '.join(f.name for f in fields(self))}")
-        return replace(self, **overrides) if overrides else self
-
-    def as_kwargs(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _ratio(step: int, steps: int, device: Union[torch.device, str, None] = None) -> Tensor:
@@ -135,8 +77,7 @@ def guidance_at(step: int, steps: int, scale: float, ramp: str = "constant") -> 
 
 
 def _check_steps(steps: int, start_iter: int) -> None:
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    validated_field(DecodeSettings, "steps", steps, "decode")
     if not isinstance(start_iter, int) or not 0 <= start_iter < steps:
         raise ValueError(f"start_iter must be an int in [0, steps={steps}), got {start_iter!r}")
 
@@ -184,20 +125,15 @@ def decode(
 
     Returns the decoded (B, N) tokens (same dtype as `tokens`), or (tokens, steps) if return_steps.
     """
+    validated(DecodeSettings, dict(steps=steps, schedule=schedule, choice_temperature=choice_temperature,
+                                   temperature=temperature, guidance_scale=guidance_scale, guidance_ramp=guidance_ramp),
+              "decode")  # the settings' one set of rules
     _check_steps(steps, start_iter)
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be (B, N), got shape {tuple(tokens.shape)}")
     if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
         raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
-    validate_schedule(schedule, tokens.shape[1])
-    if choice_temperature < 0:
-        raise ValueError(f"choice_temperature must be >= 0, got {choice_temperature}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = argmax), got {temperature}")
-    if guidance_ramp not in GUIDANCE_RAMPS:
-        raise ValueError(f"unknown guidance_ramp {guidance_ramp!r}; valid: {', '.join(GUIDANCE_RAMPS)}")
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+    validate_schedule(schedule, tokens.shape[1])  # log and exp also need N
     if guidance_scale > 0 and uncond_logits_fn is None:
         raise ValueError("guidance_scale > 0 needs uncond_logits_fn (the model's unconditional logits)")
     device = resolve_device(tokens.device, generator)

@@ -10,13 +10,22 @@ official code is `maskgit/libml/mask_schedule.py` and `models_mage.py` (LTH14/ma
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
+
+from lightning_mim.settings import (
+    NEEDS_N_TOKENS,
+    SCHEDULE_ALIASES,
+    RatioSettings,
+    SCHEDULE_NAMES,
+    canonical_schedule_name,
+    schedule_exponent,
+    validated,
+)
 
 __all__ = [
     "SCHEDULES",
@@ -79,10 +88,10 @@ _square = partial(_pow, exponent=2.0)
 _cubic = partial(_pow, exponent=3.0)
 _sqrt = partial(_pow, exponent=0.5)
 
-# THE single source of truth: every accepted schedule name -> its function. Paper names first;
-# official (google-research/maskgit) names map to the same function objects. Any other `powX`
-# (X a float, e.g. `pow1.5`) is parsed on the fly.
-SCHEDULES: dict[str, ScheduleFn] = {
+# Every accepted schedule name -> its function. The names and their rules are `lightning_mim.settings`'
+# (SCHEDULE_NAMES, SCHEDULE_ALIASES: the official google-research/maskgit names map to the same function
+# objects); any other `powX` (X a float, e.g. `pow1.5`) is parsed on the fly.
+_FUNCTIONS: dict[str, ScheduleFn] = {
     "linear": _linear,
     "square": _square,
     "cubic": _cubic,
@@ -91,51 +100,16 @@ SCHEDULES: dict[str, ScheduleFn] = {
     "log": _log,
     "exp": _exp,
     "arccos": _arccos,
-    # official names
-    "uniform": _linear,
-    "pow2": _square,
-    "pow3": _cubic,
-    "pow0.5": _sqrt,
 }
-
-# Canonical (paper) names, for configs and plots: the first name of each distinct function.
-SCHEDULE_NAMES: tuple[str, ...] = ("linear", "square", "cubic", "sqrt", "cosine", "log", "exp", "arccos")
-
-# Schedules whose value depends on the number of tokens N.
-NEEDS_N_TOKENS: frozenset[str] = frozenset({"log", "exp"})
-
-_POW_RE = re.compile(r"^pow(?P<x>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
-_CANONICAL_POW = {1.0: "linear", 2.0: "square", 3.0: "cubic", 0.5: "sqrt"}
-
-
-def _unknown_schedule(name: object) -> ValueError:
-    valid = ", ".join(SCHEDULES)
-    return ValueError(f"unknown mask schedule {name!r}; valid: {valid}, or powX for any float X > 0 (e.g. pow1.5)")
+SCHEDULES: dict[str, ScheduleFn] = {**_FUNCTIONS, **{alias: _FUNCTIONS[c] for alias, c in SCHEDULE_ALIASES.items()}}
 
 
 def _lookup(name: str) -> tuple[str, ScheduleFn]:
     """(canonical name, function) of a schedule name; ValueError listing the valid names."""
-    if not isinstance(name, str):
-        raise _unknown_schedule(name)
-    fn = SCHEDULES.get(name)
-    if fn is not None:
-        canonical = next(c for c in SCHEDULE_NAMES if SCHEDULES[c] is fn)
-        return canonical, fn
-    match = _POW_RE.match(name)
-    if match is None:
-        raise _unknown_schedule(name)
-    exponent = float(match.group("x"))
-    if not math.isfinite(exponent) or exponent <= 0:
-        raise ValueError(f"mask schedule {name!r}: the exponent of powX must be a finite float > 0")
-    if exponent in _CANONICAL_POW:
-        canonical = _CANONICAL_POW[exponent]
-        return canonical, SCHEDULES[canonical]
-    return f"pow{exponent:g}", partial(_pow, exponent=exponent)
-
-
-def canonical_schedule_name(name: str) -> str:
-    """Paper name of a schedule (`uniform`->`linear`, `pow2`->`square`, `pow2.0`->`square`, `pow1.50`->`pow1.5`)."""
-    return _lookup(name)[0]
+    canonical = canonical_schedule_name(name)
+    if canonical in _FUNCTIONS:
+        return canonical, _FUNCTIONS[canonical]
+    return canonical, partial(_pow, exponent=schedule_exponent(name))
 
 
 def validate_schedule(name: str, n_tokens: Optional[int] = None) -> str:
@@ -312,12 +286,9 @@ class TruncGaussRatio:
     per_sample: bool = False
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.std) and self.std > 0):
-            raise ValueError(f"TruncGaussRatio: std must be > 0, got {self.std}")
-        if not (0.0 <= self.low < self.high <= 1.0):
-            raise ValueError(f"TruncGaussRatio: need 0 <= low < high <= 1, got low={self.low}, high={self.high}")
-        if not math.isfinite(self.mean):
-            raise ValueError(f"TruncGaussRatio: mean must be finite, got {self.mean}")
+        validated(RatioSettings, {"mean": self.mean, "std": self.std, "low": self.low, "high": self.high}, "ratio")
+        if not self.low < self.high:
+            raise ValueError(f"ratio.low={self.low}: must be < ratio.high={self.high} (a truncated Gaussian needs an interval)")
         a, b = (self.low - self.mean) / self.std, (self.high - self.mean) / self.std
         self._cdf_a, self._cdf_b = _norm_cdf(a), _norm_cdf(b)
         if not self._cdf_b > self._cdf_a:
@@ -343,8 +314,7 @@ class UniformRatio:
     per_sample: bool = True
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.low <= self.high <= 1.0):
-            raise ValueError(f"UniformRatio: need 0 <= low <= high <= 1, got low={self.low}, high={self.high}")
+        validated(RatioSettings, {"low": self.low, "high": self.high}, "ratio")
 
     def __call__(self, batch_size: int, generator: Optional[torch.Generator] = None, device=None) -> Tensor:
         u = torch.rand(batch_size if self.per_sample else 1, generator=generator, device=resolve_device(device, generator))
@@ -359,8 +329,7 @@ class FixedRatio:
     value: float = 0.75
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.value <= 1.0):
-            raise ValueError(f"FixedRatio: value must lie in [0, 1], got {self.value}")
+        validated(RatioSettings, {"value": self.value}, "ratio")
 
     def __call__(self, batch_size: int, generator: Optional[torch.Generator] = None, device=None) -> Tensor:
         return torch.full((batch_size,), float(self.value), dtype=torch.float32, device=resolve_device(device, generator))

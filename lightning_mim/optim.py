@@ -19,8 +19,9 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-LR_SCHEDULES = ("constant", "cosine")
+from lightning_mim.settings import LR_SCHEDULES, OPTIMIZER_NAMES, OptimSettings, validated
+
+OPTIMIZERS = dict(zip(OPTIMIZER_NAMES, (torch.optim.Adam, torch.optim.AdamW)))  # the names are settings'
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norms_and_biases: bool) -> list[dict[str, Any]]:
@@ -80,8 +81,8 @@ def build_optimizer(
     `groups`: ready parameter groups (e.g. `layer_decay_param_groups` of fine-tuning) instead of the
     decay / no-decay split of `model`; a group's `lr_scale` multiplies the peak lr, and the warm-up /
     cosine factor then applies to every group alike."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer '{name}'; valid: {', '.join(OPTIMIZERS)}")
+    validated(OptimSettings, dict(name=name, lr=lr, base_lr=base_lr, weight_decay=weight_decay, betas=list(betas),
+                                  warmup_steps=warmup_steps, schedule=schedule, min_lr_ratio=min_lr_ratio), "optim")
     if name == "adam" and weight_decay > 0:
         warnings.warn(
             f"optimizer 'adam' with weight_decay={weight_decay} adds an L2 term to the gradient (coupled), "

@@ -33,6 +33,25 @@ TABLE = [
     ("bad grid point", "sweep", ["schedule=cosine,linear", "seed=1,2", "decode.steps=-1", "--prepare-only"],
      "grid point schedule=cosine seed=1: decode.steps=-1: must be >= 1"),
     ("bad grid point", "sweep", ["schedule=cosine,linear", "seed=0,-1"], "seed=-1: must be >= 0"),
+    ("out of range", "tokenize", ["--shards", "{tmp}", "--tokenizer", "{tmp}/run/checkpoints/model.ckpt", "--out", "{tmp}/tokens",
+                                  "--copies", "0"], "--copies=0: must be >= 1"),
+    ("wrong type", "tokenize", ["--shards", "{tmp}", "--tokenizer", "{tmp}/run/checkpoints/model.ckpt", "--out", "{tmp}/tokens",
+                                "--batch-size", "abc"], "argument --batch-size: invalid int value: 'abc'"),
+    ("missing file", "tokenize", ["--shards", "{tmp}/nowhere", "--tokenizer", "{tmp}/run/checkpoints/model.ckpt", "--out", "{tmp}/tokens"],
+     "--shards={tmp}/nowhere: no such image-shard directory"),
+    ("damaged file", "tokenize", ["--shards", "{tmp}", "--tokenizer", "{tmp}/empty.ckpt", "--out", "{tmp}/tokens"],
+     "--tokenizer={tmp}/empty.ckpt: not a checkpoint"),
+    ("out of range", "data.prepare", ["digits", "--out", "{tmp}/shards", "--shard-size", "0"], "shard_size must be >= 1, got 0"),
+    ("missing file", "data.prepare", ["imagefolder", "{tmp}/nowhere", "--out", "{tmp}/shards"], "image folder not found: {tmp}/nowhere"),
+    ("unknown choice", "data.prepare", ["digits", "--out", "{tmp}/shards", "--interpolation", "cubic"], "argument --interpolation: invalid choice"),
+    ("out of range", "edit", ["ckpt={tmp}/run/checkpoints/model.ckpt", "input={tmp}/image.png", "task=inpaint", "box=8,8,24,24",
+                              "decode.steps=0"], "decode.steps=0: must be >= 1"),
+    ("unknown key", "edit", ["ckpt={tmp}/run/checkpoints/model.ckpt", "input={tmp}/image.png", "task=inpaint", "box=8,8,24,24",
+                             "decode.stepz=3"], "unknown decode setting(s) ['stepz']"),
+    ("unknown choice", "edit", ["ckpt={tmp}/run/checkpoints/model.ckpt", "input={tmp}/image.png", "task=paint", "box=8,8,24,24"],
+     "task=paint: must be one of inpaint, outpaint, class_edit"),
+    ("damaged file", "edit", ["ckpt={tmp}/empty.ckpt", "input={tmp}/image.png", "task=inpaint", "box=8,8,24,24"],
+     "ckpt={tmp}/empty.ckpt: not a checkpoint"),
 ]
 
 
@@ -41,6 +60,9 @@ def files(tmp_path_factory):
     directory = tmp_path_factory.mktemp("bad-input")
     (directory / "empty.ckpt").write_bytes(b"")
     (directory / "damaged.ckpt").write_bytes(b"PK\x03\x04 cut off")
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(directory / "image.png")
     import zipfile
 
     from lightning_mim.orchestration.config import compose
@@ -63,3 +85,4 @@ def test_bad_input_is_refused_in_one_line_before_any_work(kind, entry, args, wor
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     assert words.replace("{tmp}", str(files)) in lines[0], lines[0]
     assert not home.exists(), sorted(p.name for p in home.iterdir())  # nothing touched
+    assert not any((files / name).exists() for name in ("tokens", "shards"))  # no output begun

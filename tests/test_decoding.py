@@ -226,7 +226,7 @@ def test_bad_arguments_are_explained():
         decode(fn, tokens, mask_id=MASK, steps=2, start_iter=2)
     with pytest.raises(ValueError, match="steps"):
         decode(fn, tokens, mask_id=MASK, steps=0)
-    with pytest.raises(ValueError, match="valid"):
+    with pytest.raises(ValueError, match="decode.schedule=cosin: must be a mask schedule"):
         decode(fn, tokens, mask_id=MASK, steps=2, schedule="cosin")
     with pytest.raises(ValueError, match="integer"):
         decode(fn, tokens.float(), mask_id=MASK, steps=2)

@@ -83,7 +83,7 @@ def test_callback_fails_at_start_up_before_any_training(tmp_path, no_download, q
 
 
 def test_unknown_extractor_lists_valid_ones():
-    with pytest.raises(ValueError, match=r"valid: \['domain', 'inception'\]"):
+    with pytest.raises(ValueError, match=r"evaluation.extractor=\['clip'\]: must be one of domain, inception"):
         GenerationMetrics(extractors=["clip"])
     with pytest.raises(ValueError, match=r"valid: \['domain', 'inception'\]"):
         build_extractor("vgg")

@@ -17,7 +17,7 @@ MALFORMED = [
     (["decode.steps=2.5"], "decode.steps=2.5", "must be an integer"),
     (["decode.choice_temperature=-1"], "decode.choice_temperature=-1", "must be >= 0"),
     (["decode.temperature=-1"], "decode.temperature=-1", "must be >= 0"),
-    (["decode.guidance_ramp=cubic"], "decode.guidance_ramp=cubic", "'constant' or 'linear'"),
+    (["decode.guidance_ramp=cubic"], "decode.guidance_ramp=cubic", "must be one of constant, linear"),
     (["model.optim.lr=-1"], "model.optim.lr=-1", "must be > 0"),
     (["model.optim.lr="], "model.optim.lr=''", "must be a number"),
     (["model.optim.weight_decay=-0.1"], "model.optim.weight_decay=-0.1", "must be >= 0"),

@@ -16,8 +16,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_mim.callbacks._cadence import EvalCadence, log_metrics, training_rng_untouched, why_no_generation
-from lightning_mim.eval.extractors import EXTRACTORS, FeatureExtractor, build_extractor, check_inception_weights
+from lightning_mim.eval.extractors import FeatureExtractor, build_extractor, check_inception_weights
 from lightning_mim.eval.generation import evaluate_generation
+from lightning_mim.settings import EvaluationSettings, validated
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,7 @@ class GenerationMetrics(pl.Callback):
     ) -> None:
         super().__init__()
         names = [extractors] if isinstance(extractors, str) else list(extractors)
-        unknown = [n for n in names if n not in EXTRACTORS]
-        if unknown or not names:
-            raise ValueError(f"unknown or no feature extractors {unknown or names}; valid: {list(EXTRACTORS)}")
+        validated(EvaluationSettings, {"num_samples": num_samples, "batch_size": batch_size, "extractor": names}, "evaluation")
         self.extractor_names = names
         self.num_samples = int(num_samples)
         self.batch_size = int(batch_size)

@@ -26,8 +26,8 @@ from lightning_mim.eval.domain_classifier import (
     load_or_train_domain_classifier,
 )
 from lightning_mim.eval.images import to_uint8
+from lightning_mim.settings import EXTRACTORS  # the extractor names are settings'
 
-EXTRACTORS = ("domain", "inception")
 INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILENAME}"
 INCEPTION_CONFIG_KEY = "callbacks.generation_metrics.inception_weights"

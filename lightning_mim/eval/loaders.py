@@ -11,8 +11,7 @@ from typing import Any, Iterable
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_mim.data.pipeline import dist_info
-
-SPLIT_NAMES = ("train", "val", "test")
+from lightning_mim.settings import SPLIT_NAMES
 
 
 def split_loader(datamodule: Any, split: str, *, whole: bool = False) -> Iterable:

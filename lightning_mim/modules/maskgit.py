@@ -21,6 +21,7 @@ from lightning_mim.masking import mask_tokens
 from lightning_mim.modules.stage2 import Stage2Module, masked_accuracy
 from lightning_mim.nn.transformer import BidirectionalTransformer
 from lightning_mim.optim import build_optimizer
+from lightning_mim.settings import TransformerSettings, validated
 
 
 class MaskGITModule(Stage2Module):
@@ -46,6 +47,7 @@ class MaskGITModule(Stage2Module):
         self.save_hyperparameters(logger=False)
         if not 0.0 <= class_dropout < 1.0:
             raise ValueError(f"class_dropout must be in [0, 1), got {class_dropout}")
+        validated(TransformerSettings, transformer, "transformer")
         self.transformer = BidirectionalTransformer(
             vocab_size=self.layout.vocab_size,
             n_positions=self.n_tokens + 1,

@@ -7,12 +7,14 @@ valid: ...") rather than Hydra's multi-line report with a stack trace.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import sys
+import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NoReturn, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,7 +22,7 @@ ROOT_CONFIG = "train"
 # Top-level config keys that say where and how a run is recorded, not what it computes: not logged as
 # MLflow params (`choices.*`, which option of each group, is) ...
 BOOKKEEPING_KEYS = (
-    "paths", "run_name", "experiment_name", "ckpt_path", "logger", "overrides", "sweep_seeds", "sweep_jobs"
+    "paths", "run_name", "experiment_name", "ckpt_path", "logger", "overrides", "sweep_seeds", "sweep_jobs", "aliases"
 )
 # ... and, with the group choices (already expanded into the config) and the callbacks (what is
 # measured, not what is trained), not part of a stage's cache key either.
@@ -53,6 +55,25 @@ def report_config_error(err: Exception) -> int:
     for line in str(err).splitlines() or [""]:
         print(f"error: {line}", file=sys.stderr)
     return 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the commands with flags (`tokenize`, `data.prepare`): a bad argument is one
+    `error: ...` line and exit status 2, like every other refusal (argparse prints its usage too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(report_config_error(ConfigError(f"{message} (see {self.prog} --help)")))
+
+
+def checkpoint_file(key: str, value: Any) -> Path:
+    """The checkpoint file `value` of option `key`, or ConfigError when it is missing or no PyTorch
+    checkpoint (what `torch.save` writes is a zip archive; an empty or cut file is not one)."""
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{key}={path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(f"{key}={path}: not a checkpoint (no PyTorch zip archive: the file is damaged or of another kind)")
+    return path
 
 
 def usage_status(argv: list[str], usage: str | None) -> int | None:

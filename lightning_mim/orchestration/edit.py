@@ -50,7 +50,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from lightning_mim.orchestration.config import ConfigError, parse_overrides, report_config_error, usage_status
+from lightning_mim.orchestration.config import ConfigError, checkpoint_file, parse_overrides, report_config_error, usage_status
 from lightning_mim.orchestration.evaluate import base_config, load_module
 from lightning_mim.orchestration.noise import filter_known_noise
 from lightning_mim.orchestration.schema import format_problem
@@ -130,8 +130,11 @@ def parse_request(argv: Sequence[str]) -> EditRequest:
             if KEYS.get(key) is not None and task not in KEYS[key]:
                 problem(key, f"applies to task={' or task='.join(KEYS[key])} only")
     ckpt = Path(str(raw.get("ckpt", ""))).expanduser()
-    if raw.get("ckpt") not in (None, "") and not ckpt.is_file():
-        problem("ckpt", "must be an existing checkpoint file")
+    if raw.get("ckpt") not in (None, ""):
+        try:
+            checkpoint_file("ckpt", ckpt)  # missing, or no PyTorch checkpoint (empty, cut)
+        except ConfigError as err:
+            problems.append(str(err))
     inputs: list[Path] = []
     if raw.get("input") not in (None, ""):
         where = Path(str(raw["input"])).expanduser()

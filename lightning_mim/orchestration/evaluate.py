@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import itertools
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_mim.eval.generation import evaluate_generation
-from lightning_mim.orchestration.config import ConfigError, compose, config_groups, parse_overrides, report_config_error, usage_status
+from lightning_mim.orchestration.config import ConfigError, checkpoint_file, compose, config_groups, parse_overrides, report_config_error, usage_status
 from lightning_mim.orchestration.noise import filter_known_noise
 from lightning_mim.orchestration.protocol import TrialContext, objective_metric, read_config, write_progress, write_result
 from lightning_mim.orchestration.schema import check_config
-from lightning_mim.orchestration.tracking import alias_keys, ensure_experiment, environment_tags, run_params
+from lightning_mim.orchestration.tracking import ALIASES_KEY, alias_keys, ensure_experiment, environment_tags, run_params
 
 
 def base_config(ckpt: Path) -> DictConfig:
@@ -35,6 +32,17 @@ def base_config(ckpt: Path) -> DictConfig:
         return OmegaConf.load(saved)
     print(f"note: no {saved}; evaluating with the default config", file=sys.stderr)
     return compose([])
+
+
+def saved_alias_keys(cfg: DictConfig) -> set[str]:
+    """The alias keys of a run's saved, resolved config: the list the training wrote into it
+    (`tracking.ALIASES_KEY`); a config saved without one gets them by composing its overrides again."""
+    if ALIASES_KEY in cfg:
+        return set(cfg[ALIASES_KEY])
+    try:
+        return alias_keys(compose(list(cfg.get("overrides") or [])))
+    except ConfigError:
+        return set()
 
 
 def load_module(cfg: DictConfig, ckpt: Path, *, weights_only: bool = True):
@@ -52,6 +60,10 @@ def validation_datamodule(cfg: DictConfig):
 
 def evaluate_checkpoint(cfg: DictConfig, module, datamodule) -> dict[str, float]:
     """Generation metrics of `module` with the decode settings in `cfg.decode` and `cfg.evaluation`."""
+    import torch  # here, not at the top: bad input is refused before torch loads
+
+    from lightning_mim.eval.generation import evaluate_generation
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ev = cfg.evaluation
     return evaluate_generation(
@@ -85,10 +97,7 @@ def _log_to_mlflow(cfg: DictConfig, metrics: dict[str, float], run_name: str, tr
     if trial.parent_run_id:
         tags["mlflow.parentRunId"] = trial.parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    try:  # a saved config is resolved: its aliases come from composing the run's overrides again
-        aliases = alias_keys(cfg if as_composed else compose(list(cfg.get("overrides") or [])))
-    except ConfigError:
-        aliases = set()
+    aliases = alias_keys(cfg) if as_composed else saved_alias_keys(cfg)
     items = [(k, str(v)[:250]) for k, v in run_params(cfg, aliases).items()]
     for start in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[start : start + 100]])
@@ -125,12 +134,7 @@ def parse_arguments(argv: Sequence[str]) -> tuple[Path, str | None, dict[str, li
                 added.add(key)
     if ckpt is None:
         raise ConfigError("give ckpt=PATH (a stage-2 checkpoint)")
-    path = Path(ckpt).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"ckpt={path}: no such checkpoint file")
-    if not zipfile.is_zipfile(path):  # what torch.save writes; an empty or cut file is not one
-        raise ConfigError(f"ckpt={path}: not a checkpoint (no PyTorch zip archive: the file is damaged or of another kind)")
-    return path, result_file, axes, added
+    return checkpoint_file("ckpt", ckpt), result_file, axes, added
 
 
 def unknown_keys(cfg: DictConfig, keys: Sequence[str]) -> list[str]:

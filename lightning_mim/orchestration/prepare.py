@@ -30,11 +30,11 @@ from lightning_mim.data.digits import (
 )
 from lightning_mim.data.folder import INTERPOLATIONS, LAYOUTS, FolderShardOptions, write_folder_shards
 from lightning_mim.data.shards import ENCODINGS, ShardError, build_dir_atomically, check_shards, is_complete, read_manifest
-from lightning_mim.orchestration.config import report_config_error
+from lightning_mim.orchestration.config import ArgumentParser, report_config_error
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lightning_mim.data.prepare", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m lightning_mim.data.prepare", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -92,11 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise FileExistsError(f"{out} exists and is {state}; pass --overwrite to replace it")
         progress = not args.no_progress
         if args.command == "digits":
+            options = DigitsShardOptions(  # checks its values before anything is written
+                resolution=args.resolution, shard_size=args.shard_size, seed=args.seed,
+                val_per_class=args.val_per_class, interpolation=args.interpolation,
+            )
+
             def build(tmp: Path) -> None:
-                options = DigitsShardOptions(
-                    resolution=args.resolution, shard_size=args.shard_size, seed=args.seed,
-                    val_per_class=args.val_per_class, interpolation=args.interpolation,
-                )
                 write_digits_shards(tmp, options, progress=progress)
         else:
             options = FolderShardOptions(

@@ -40,7 +40,7 @@ TOKENIZER_INPUTS: dict[str, Callable[[str], bool]] = {
     "tokenizer": lambda key: key != "ckpt",
     "trainer": lambda key: key in ("accelerator", "devices", "precision"),
 }
-Train = Callable[[DictConfig], dict[str, Any]]  # `orchestration.train.run`: a config -> its result
+Train = Callable[[DictConfig], dict[str, Any]]  # `orchestration.training.run`: a config -> its result
 
 
 def stage_key(cfg: DictConfig) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -29,7 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from lightning_mim.orchestration.config import report_config_error
+
+from lightning_mim.orchestration.config import ArgumentParser, ConfigError, checkpoint_file, report_config_error
 
 AUG_SCALE = (0.2, 1.0)  # MAGE main_pretrain / MaskGIT: RandomResizedCrop(scale 0.2-1) + horizontal flip
 AUG_RATIO = (3 / 4, 4 / 3)
@@ -241,7 +243,7 @@ def tokenize_shards(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m lightning_mim.tokenize",
         description="Encode image shards into token shards (with the tokenizer checkpoint's sha256 in the manifest).",
     )
@@ -264,16 +266,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every argument, before the tokenizer is loaded or a shard read: ConfigError naming the first
+    bad one (`--copies=0: must be >= 1`)."""
+    for name in ("copies", "batch_size", "shard_size", "image_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}={value}: must be >= 1")
+    low, high = args.scale
+    if not 0 < low <= high <= 1:
+        raise ConfigError(f"--scale={low} {high}: must be LO HI with 0 < LO <= HI <= 1")
+    if args.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", args.device):
+        raise ConfigError(f"--device={args.device}: must be auto, cpu, cuda, cuda:N or mps")
+    shards = str(args.shards)
+    if "://" not in shards and "{" not in shards and not Path(shards).expanduser().exists():
+        raise ConfigError(f"--shards={shards}: no such image-shard directory or file")
+    checkpoint_file("--tokenizer", args.tokenizer)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_arguments(args)
         manifest = tokenize_shards(
             args.shards, args.tokenizer, args.out, copies=args.copies, batch_size=args.batch_size, device=args.device,
             split=args.split, image_size=args.image_size, shard_size=args.shard_size, seed=args.seed,
             scale=args.scale, hflip=not args.no_hflip,
             overwrite=args.overwrite, weights_only=not args.no_weights_only, progress=not args.no_progress,
         )
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
         return report_config_error(err)
     counts = {s: e["count"] for s, e in manifest["splits"].items()}
     print(f"wrote token shards to {args.out}: {counts}, grid {manifest['grid_size']}, "

@@ -90,6 +90,9 @@ def mlflow_logger(cfg: DictConfig, parent_run_id: str | None = None, extra_tags:
 _ALIAS = re.compile(r"^\$\{\.*[A-Za-z_][\w.]*\}$")  # `${seed}`, `${transformer}`, `${.resolution}`: a plain reference
 
 
+ALIASES_KEY = "aliases"  # a run's saved (resolved) config.yaml lists its alias keys under this key
+
+
 def alias_keys(cfg: DictConfig) -> set[str]:
     """Dotted keys of `cfg` whose value is a plain reference to another key (`data.seed: ${seed}`,
     `model.transformer: ${transformer}`): the same value is a param under its own key already."""
