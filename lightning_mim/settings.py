@@ -47,6 +47,7 @@ LR_SCHEDULES = ("constant", "cosine")
 GUIDANCE_RAMPS = ("constant", "linear")
 SPLIT_NAMES = ("train", "val", "test")
 EXTRACTORS = ("domain", "inception")
+SECOND_DRAW_SUFFIX = "_draw2"  # `fid_domain_draw2`: a metric on the second draw of samples (`evaluation.second_draw`)
 # `Trainer(precision=...)` values: Lightning's own list (`lightning.fabric.connector._PRECISION_INPUT_STR`
 # and its aliases; tests/test_schema.py checks they are equal), written here because importing Lightning
 # to read it costs seconds before a typo could be refused.
@@ -240,6 +241,7 @@ class EvaluationSettings(Settings):
     batch_size: int = Field(ge=1)
     extractor: list[str] = Field(min_length=1)
     split: Optional[str] = None
+    second_draw: bool = False
 
     @field_validator("extractor")
     @classmethod

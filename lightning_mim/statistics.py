@@ -10,6 +10,12 @@ masks, the evaluation's samples) is the noise a difference between points has to
 - Difference: Welch's two-sample t-test (`scipy.stats.ttest_ind(equal_var=False)`), which does not
   assume equal variances across points; a difference is *resolved* at level α when p < α. Both sides
   need >= 2 values; otherwise the p-value is None ("not testable").
+- Evaluation noise: with a second evaluation of each trial's model on an independent draw of samples
+  (x1, x2), Var(x1 - x2) = 2 σ²_eval, so σ²_eval = Σ (x1 - x2)² / 2m over m trials; the seed-to-seed
+  variance of a point's values (σ²_seed = σ²_training + σ²_eval) is the within-point sample variance
+  pooled over points (Σ (n_i - 1) s_i² / Σ (n_i - 1)). Their ratio is the share of the seed-to-seed
+  spread that more evaluation samples would remove; the rest only more seeds do. (A bootstrap of the
+  samples would not do: FID is biased in the number of samples, so a resample is no second draw.)
 - Paired difference: when two points evaluate the *same* trained models (they differ only in
   inference-only settings such as `decode.steps`), seed i of one and seed i of the other share their
   weights, so their values are correlated and Welch's independence assumption does not hold (it is
@@ -105,3 +111,34 @@ def paired_p_value(a: Sequence[float], b: Sequence[float]) -> float | None:
 def resolved(p_value: float | None, alpha: float = ALPHA) -> bool | None:
     """Whether a difference is resolved at level `alpha` (None: not testable)."""
     return None if p_value is None else p_value < alpha
+
+
+@dataclass(frozen=True)
+class NoiseShare:
+    """How much of the seed-to-seed variance of an objective is evaluation noise (module docstring)."""
+
+    evaluation_variance: float
+    seed_variance: float | None  # None: no point has 2+ seeds
+    trials: int
+
+    @property
+    def share(self) -> float | None:
+        if not self.seed_variance:
+            return None
+        return self.evaluation_variance / self.seed_variance
+
+
+def evaluation_noise(draws: Sequence[tuple[float, float]], groups: Sequence[Sequence[float]]) -> NoiseShare | None:
+    """σ²_eval from `draws` (each trial's objective on its two draws) against σ²_seed pooled over
+    `groups` (each point's first-draw values over its seeds); None without any draw pair."""
+    pairs = [(float(a), float(b)) for a, b in draws]
+    if not pairs:
+        return None
+    _finite([v for pair in pairs for v in pair], "evaluation_noise draws")
+    evaluation_variance = sum((a - b) ** 2 for a, b in pairs) / (2 * len(pairs))
+    dof = sum(len(g) - 1 for g in groups if len(g) >= 2)
+    pooled = None
+    if dof:
+        pooled = sum(sum((x - sum(g) / len(g)) ** 2 for x in _finite(g, "evaluation_noise groups")) for g in groups if len(g) >= 2) / dof
+    return NoiseShare(evaluation_variance, pooled, len(pairs))
+

@@ -61,13 +61,13 @@ CELLS = [
         "    print('a grid sweep: see the axis figures above')"
     ),
     new_markdown_cell(
-        "## The same table, read back from the MLflow parent run\n\n"
-        "The sweep logs its per-point aggregates to its parent run as the table `points.json`; these lines\n"
-        "are the console table's cells."
+        "## The same tables, read back from the MLflow parent run\n\n"
+        "The sweep logs its per-point aggregates and verdicts to its parent run as the table `points.json`,\n"
+        "and every pairwise comparison as `comparisons.json`; these lines are the console tables' cells."
     ),
     new_code_cell(
         "import mlflow\n\n"
-        "from lightning_mim.orchestration.summary import TABLE_ARTIFACT, estimates_from_row\n\n"
+        "from lightning_mim.orchestration.summary import COMPARISONS_ARTIFACT, TABLE_ARTIFACT, estimates_from_row\n\n"
         "mlflow.set_tracking_uri(f'sqlite:///{report.home_dir(HOME) / \"mlflow.db\"}')\n"
         "parent_id = study.parent_run_id\n"
         "client = mlflow.MlflowClient()\n"
@@ -75,7 +75,10 @@ CELLS = [
         "table = client.load_table(parent.info.experiment_id, TABLE_ARTIFACT, run_ids=[parent_id])\n"
         "for _, row in table.iterrows():  # mean ± half-width of the 95 % interval\n"
         "    shown = [f'{name} {format_estimate(est)}' for name, est in estimates_from_row(row.to_dict()).items()]\n"
-        "    print(f\"{row['point']} (n={row['n_seeds']}):\", '; '.join(shown))\n"
+        "    print(f\"{row['point']} (n={row['n_seeds']}):\", '; '.join(shown), '|', row['verdict'])\n"
+        "if len(table) > 1:\n"
+        "    pairs = client.load_table(parent.info.experiment_id, COMPARISONS_ARTIFACT, run_ids=[parent_id])\n"
+        "    display(pairs[['a', 'b', 'test', 'difference', 'correlation', 'p_adjusted', 'verdict', 'detectable', 'seeds_needed']])\n"
         "print('compare the runs in MLflow:', parent.data.tags.get('lightning_mim.compare_url', '(no finished child yet)'))"
     ),
     new_markdown_cell("## The schedules γ(r)"),

@@ -19,7 +19,11 @@ def _fid(steps: str, schedule: str, seed: str) -> float:
 @pytest.fixture
 def grid_study(tmp_path):
     """A finished 3 x 2 grid with 2 seeds, as a sweep leaves it: spec.yaml + trials in optuna.db."""
-    home = tmp_path / "home"
+    return write_grid_study(tmp_path / "home")
+
+
+def write_grid_study(home, protocol_of=None):
+    """The study of `grid_study`; `protocol_of(number)`: the evaluation protocol trial `number` records."""
     directory = home / "sweeps" / "adhoc-0123456789"
     directory.mkdir(parents=True)
     spec = {"name": "adhoc", "grid": GRID, "search": {}, "fixed": [], "objective": "val/fid_domain",
@@ -34,7 +38,8 @@ def grid_study(tmp_path):
                     params={"decode.steps": steps, "schedule": schedule, "seed": seed},
                     distributions={k: optuna.distributions.CategoricalDistribution(v) for k, v in GRID.items()},
                     value=fid,
-                    user_attrs={"metrics": {"val/fid_domain": fid, "val/cas": 0.5 + 0.01 * int(steps)}},
+                    user_attrs={"metrics": {"val/fid_domain": fid, "val/cas": 0.5 + 0.01 * int(steps)},
+                                **({"evaluation_protocol": protocol_of(len(study.trials))} if protocol_of else {})},
                 )
                 study.add_trial(trial)
     return home, directory
@@ -85,7 +90,9 @@ def test_the_report_draws_one_figure_per_axis_with_its_legend(grid_study):
     assert legend == ["decode.steps=4", "decode.steps=8", "decode.steps=12"]
     assert [t.get_text() for t in schedule_figure.axes[0].get_xticklabels()] == ["cosine", "linear"]  # bars
     table = (directory / "report" / "summary.md").read_text()
-    assert table.count("\n| ") == 1 + 6 and "| 12 | cosine | 2 |" in table and "best" in table
+    points, comparisons = table.split("## Comparisons")
+    assert points.count("\n| ") == 1 + 6 and "| 12 | cosine | 2 |" in points and "best" in points
+    assert comparisons.count("\n| ") == 1 + 15 and "Holm" in comparisons  # every pair of the 6 points
 
 
 def test_search_space_studies_get_optunas_own_plots(tmp_path):
@@ -103,3 +110,19 @@ def test_search_space_studies_get_optunas_own_plots(tmp_path):
                                                   distributions=dists, value=5.0 - i * 0.5 + (i % 2)))
     files = report.write_report(report.find_study(home, directory.name))
     assert sorted(p.name for p in files) == ["history.png", "importances.png", "slice.png", "summary.md"]
+
+
+def test_the_report_and_the_notebook_refuse_to_pool_two_evaluation_protocols(tmp_path):
+    """A trial scored on 1 000 samples among trials scored on 500: the summary names the difference
+    in one line; the report writes that line instead of a table, and the notebook's reader raises it."""
+    protocol = {"evaluation.num_samples": 500, "evaluation.extractor": ["domain"], "evaluation.split": "val"}
+    home, _ = write_grid_study(tmp_path / "home",
+                               lambda number: {**protocol, "evaluation.num_samples": 1000 if number == 3 else 500})
+    loaded = report.find_study(home)
+    with pytest.raises(report.ProtocolMismatch) as refused:
+        loaded.points()  # what the notebook reads
+    line = str(refused.value)
+    assert "\n" not in line and "evaluation.num_samples: 500 vs 1000" in line and "trials 0 and 3" in line
+    files = report.write_report(loaded)
+    assert [p.name for p in files] == ["summary.md"]
+    assert line in files[0].read_text() and "|" not in files[0].read_text()

@@ -67,29 +67,47 @@ def outcomes(per_point: dict[str, list[float]], state: str = "COMPLETE") -> list
     return out
 
 
-def test_summary_pools_seeds_per_point_and_tests_against_the_best():
+def holm(pvalues):
+    from statsmodels.stats.multitest import multipletests
+
+    return list(multipletests(pvalues, method="holm")[1])
+
+
+def test_summary_pools_seeds_per_point_and_compares_every_pair_with_holm():
     trials = outcomes({"linear": LINEAR, "sqrt": SQRT, "cosine": COSINE})
     trials.append(TrialOutcome(99, {"schedule": "log", "seed": "0"}, "FAIL", None, {}))
-    points = summarize(trials, "val/fid_domain", "minimize")
+    summary = summarize(trials, "val/fid_domain", "minimize")
+    points = summary.points
     assert [p.params["schedule"] for p in points] == ["cosine", "linear", "sqrt"]  # best first; FAIL left out
     best, linear, sqrt = points
     assert best.is_best and best.p_vs_best is None and format_comparison(best) == "best"
     assert best.seeds == ["0", "1", "2"] and len(best.trials) == 3
-    assert linear.p_vs_best == pytest.approx(welch_p_value(LINEAR, COSINE))
-    assert linear.resolved_vs_best is False and sqrt.resolved_vs_best is True
-    assert format_comparison(sqrt).endswith(" resolved") and "not resolved" in format_comparison(linear)
+    # every pair, paired by seed (the points share seeds 0, 1, 2), Holm over the three
+    raw = {("schedule=cosine", "schedule=linear"): stats.ttest_rel(COSINE, LINEAR).pvalue,
+           ("schedule=cosine", "schedule=sqrt"): stats.ttest_rel(COSINE, SQRT).pvalue,
+           ("schedule=linear", "schedule=sqrt"): stats.ttest_rel(LINEAR, SQRT).pvalue}
+    adjusted = dict(zip(raw, holm(list(raw.values()))))
+    assert len(summary.comparisons) == 3 and {c.test for c in summary.comparisons} == {"paired"}
+    for c in summary.comparisons:
+        key = tuple(sorted((c.a, c.b)))
+        assert c.p_value == pytest.approx(raw[key], abs=1e-12) and c.p_adjusted == pytest.approx(adjusted[key], abs=1e-12)
+    assert linear.p_vs_best == pytest.approx(adjusted[("schedule=cosine", "schedule=linear")], abs=1e-12)
+    assert (sqrt.verdict, linear.verdict) == ("worse than best", "not distinguished from best")
+    assert format_comparison(sqrt) == f"worse than best (p={sqrt.p_vs_best:.2g}, paired)"
     cas = best.estimates["val/cas"]
     assert cas.mean == pytest.approx(sum(1 - v / 10 for v in COSINE) / 3)
     maxed = summarize(trials, "val/cas", "maximize")
-    assert maxed[0].params["schedule"] == "cosine"  # highest CAS first
+    assert maxed.points[0].params["schedule"] == "cosine"  # highest CAS first
 
 
 def test_table_rows_and_parent_metrics_carry_the_same_numbers():
-    points = summarize(outcomes({"cosine": COSINE, "sqrt": SQRT}), "val/fid_domain", "minimize")
-    rows = table_rows(points, "val/fid_domain")
-    assert rows[0]["point"] == "schedule=cosine" and rows[0]["n_seeds"] == 3 and rows[0]["resolved"] == "best"
-    assert rows[1]["resolved"] is True and rows[1]["p_vs_best"] == points[1].p_vs_best
-    metrics = parent_metrics(points)
+    summary = summarize(outcomes({"cosine": COSINE, "sqrt": SQRT}), "val/fid_domain", "minimize")
+    points = summary.points
+    rows = table_rows(summary)
+    assert rows[0]["point"] == "schedule=cosine" and rows[0]["n_seeds"] == 3 and rows[0]["verdict"] == "best"
+    assert rows[1]["verdict"] == "worse than best" and rows[1]["p_vs_best"] == points[1].p_vs_best
+    assert rows[1]["test"] == "paired"
+    metrics = parent_metrics(summary)
     est = points[0].estimates["val/fid_domain"]
     assert metrics["point/schedule_cosine/val/fid_domain/mean"] == est.mean
     assert metrics["point/schedule_cosine/val/fid_domain/ci_low"] == est.low
@@ -99,10 +117,11 @@ def test_table_rows_and_parent_metrics_carry_the_same_numbers():
 
 
 def test_single_seed_summary_says_no_interval():
-    points = summarize(outcomes({"cosine": [3.0], "sqrt": [6.0]}), "val/fid_domain", "minimize")
+    points = summarize(outcomes({"cosine": [3.0], "sqrt": [6.0]}), "val/fid_domain", "minimize").points
     assert format_estimate(points[0].estimates["val/fid_domain"]) == "3.0000 (n=1)"
     assert points[1].p_vs_best is None and format_comparison(points[1]) == "n/a (needs 2+ seeds)"
-    assert "point/schedule_cosine/val/fid_domain/ci_low" not in parent_metrics(points)
+    summary = summarize(outcomes({"cosine": [3.0], "sqrt": [6.0]}), "val/fid_domain", "minimize")
+    assert "point/schedule_cosine/val/fid_domain/ci_low" not in parent_metrics(summary)
 
 
 def test_rows_read_back_give_the_same_estimates():
@@ -110,10 +129,10 @@ def test_rows_read_back_give_the_same_estimates():
 
     from lightning_mim.orchestration.summary import estimates_from_row, table_json
 
-    points = summarize(outcomes({"cosine": COSINE, "sqrt": [6.0]}), "val/fid_domain", "minimize")
-    table = table_json(table_rows(points, "val/fid_domain"))
+    summary = summarize(outcomes({"cosine": COSINE, "sqrt": [6.0]}), "val/fid_domain", "minimize")
+    table = table_json(table_rows(summary))
     frame = pd.DataFrame(table["data"], columns=table["columns"])  # as mlflow.load_table returns it (NaN for None)
-    for point, (_, row) in zip(points, frame.iterrows()):
+    for point, (_, row) in zip(summary.points, frame.iterrows()):
         back = estimates_from_row(row.to_dict())
         assert back.keys() == point.estimates.keys()
         for name, estimate in point.estimates.items():
@@ -144,30 +163,28 @@ def steps_outcomes(per_point: dict[tuple[str, str], list[float]]) -> list[TrialO
     return out
 
 
-def test_points_sharing_their_trained_models_are_compared_paired_by_seed():
-    """decode.steps is inference-only: cosine at T=4 and T=12 are the same three models evaluated two
-    ways, so the comparison pairs them by seed; linear was trained differently, so it stays Welch's."""
+def test_points_are_compared_by_seed_by_design_and_welch_only_without_common_seeds():
+    """Seed i of every point shares init, data order and evaluation draws: the design pairs by seed,
+    whatever the axis (inference-only or trained) and whatever the p-values say."""
     trials = steps_outcomes({("cosine", "12"): COSINE_T12, ("cosine", "4"): COSINE_T4, ("linear", "12"): LINEAR})
-    inference_only = lambda key: key.startswith("decode.")  # noqa: E731  (SweepSpec.is_inference_only's default)
-    points = summarize(trials, "val/fid_domain", "minimize", inference_only=inference_only)
-    best, linear, t4 = points  # means 2.97, 3.95, 4.09
+    summary = summarize(trials, "val/fid_domain", "minimize")
+    best, linear, t4 = summary.points  # means 2.97, 3.95, 4.09
     assert best.params == {"schedule": "cosine", "decode.steps": "12"} and best.test is None
-    assert t4.test == "paired" and t4.p_vs_best == pytest.approx(stats.ttest_rel(COSINE_T4, COSINE_T12).pvalue)
-    assert format_comparison(t4) == f"p={t4.p_vs_best:.2g} resolved (paired)"
-    assert linear.test == "welch" and linear.p_vs_best == pytest.approx(welch_p_value(LINEAR, COSINE_T12))
-    assert [row["test"] for row in table_rows(points, "val/fid_domain")] == [None, "welch", "paired"]
-    from lightning_mim.orchestration.summary import comparison_legend
-
-    assert "paired t-test by seed" in comparison_legend(points)
-    # without knowing which keys are inference-only every comparison is Welch's, as before
-    plain = summarize(trials, "val/fid_domain", "minimize")
-    assert [p.test for p in plain[1:]] == ["welch", "welch"] and "paired" not in comparison_legend(plain)
+    assert t4.test == linear.test == "paired"
+    assert t4.vs_best.p_value == pytest.approx(stats.ttest_rel(COSINE_T4, COSINE_T12).pvalue)
+    assert linear.vs_best.p_value == pytest.approx(stats.ttest_rel(LINEAR, COSINE_T12).pvalue)
+    assert [row["test"] for row in table_rows(summary)] == [None, "paired", "paired"]
+    assert "paired t-test" in summary.legend() and "Holm" in summary.legend()
     # pairs are matched by seed: a point missing a seed pairs over the seeds both have (here 2)
     partial = [t for t in trials if not (t.params["decode.steps"] == "4" and t.params["seed"] == "1")]
-    summaries = summarize(partial, "val/fid_domain", "minimize", inference_only=inference_only)
-    t4_partial = next(p for p in summaries if p.params["decode.steps"] == "4")
+    t4_partial = next(p for p in summarize(partial, "val/fid_domain", "minimize").points if p.params["decode.steps"] == "4")
     kept = [0, 2]
-    assert t4_partial.test == "paired"
-    assert t4_partial.p_vs_best == pytest.approx(
+    assert t4_partial.test == "paired" and t4_partial.vs_best.n_a == 2
+    assert t4_partial.vs_best.p_value == pytest.approx(
         stats.ttest_rel([COSINE_T4[i] for i in kept], [COSINE_T12[i] for i in kept]).pvalue
     )
+    # disjoint seeds (replicates of an A/A design): nothing to pair, Welch's test
+    shifted = [TrialOutcome(t.number, {**t.params, "seed": str(int(t.params["seed"]) + 10)}, t.state, t.value, t.metrics)
+               if t.params["decode.steps"] == "4" else t for t in trials]
+    t4_welch = next(p for p in summarize(shifted, "val/fid_domain", "minimize").points if p.params["decode.steps"] == "4")
+    assert t4_welch.test == "welch" and t4_welch.vs_best.p_value == pytest.approx(welch_p_value(COSINE_T4, COSINE_T12))

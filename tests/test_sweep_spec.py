@@ -1,5 +1,7 @@
 """Sweep specs from Hydra override syntax: grids, search spaces, named studies."""
 
+import re
+
 import optuna
 import pytest
 
@@ -149,3 +151,30 @@ def test_pruning_callback_comes_from_the_trial_environment(monkeypatch):
     assert isinstance(callback.pruner, optuna.pruners.MedianPruner)
     with pytest.raises(ValueError, match="unknown pruner 'x'"):
         build_pruner("x")
+
+
+def test_verdict_options_are_read_but_do_not_name_a_new_study():
+    plain = parse(["schedule=cosine,linear"])
+    spec = parse(["schedule=cosine,linear", "sweep.alpha=0.1", "sweep.equivalence=0.5", "sweep.effect=1"])
+    assert (spec.alpha, spec.equivalence, spec.effect) == (0.1, 0.5, 1.0)
+    assert spec.study_name() == plain.study_name()  # the same trials, read with another margin
+    for bad, words in (("sweep.alpha=1.5", "sweep.alpha=1.5: must be in (0, 1)"),
+                       ("sweep.equivalence=-1", "sweep.equivalence=-1.0: must be a number > 0"),
+                       ("sweep.effect=abc", "sweep.effect='abc': expected a number")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            parse(["schedule=cosine,linear", bad])
+
+
+def test_replicates_are_arms_of_their_own_on_disjoint_seeds():
+    spec = parse(["schedule=cosine", "sweep.seeds=3", "sweep.replicates=2"])
+    spec.resolve_seeds(3)
+    points = spec.grid_points()
+    assert len(points) == 6 and {p["replicate"] for p in points} == {"0", "1"}
+    trained = {r: sorted(int(spec.trained_seed(p)) for p in points if p["replicate"] == r) for r in ("0", "1")}
+    assert trained == {"0": [0, 1, 2], "1": [3, 4, 5]}
+    overrides = spec.trial_overrides({"seed": "1", "replicate": "1"})
+    assert overrides == ["schedule=cosine", "seed=4"]  # a replicate is no config key: it moves the seed
+    for args in (["schedule=cosine", "sweep.seeds=1", "sweep.replicates=2"], ["seed=0,1", "sweep.replicates=2"]):
+        bad = parse(args)
+        with pytest.raises(ConfigError, match="sweep.replicates=2: needs a grid, sweep.seeds >= 2"):
+            bad.resolve_seeds(3)

@@ -17,8 +17,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_mim.callbacks._cadence import EvalCadence, log_metrics, training_rng_untouched, why_no_generation
 from lightning_mim.eval.extractors import FeatureExtractor, build_extractor, check_inception_weights
-from lightning_mim.eval.generation import evaluate_generation
-from lightning_mim.settings import EvaluationSettings, validated
+from lightning_mim.eval.generation import evaluate_generation, second_draw_seed
+from lightning_mim.settings import SECOND_DRAW_SUFFIX, EvaluationSettings, validated
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class GenerationMetrics(pl.Callback):
         decode_overrides: dict[str, Any] | None = None,
         num_real: int | None = None,
         seed: int = 0,
+        second_draw: bool = False,
         kid_subsets: int = 100,
         kid_subset_size: int = 1000,
         prc_neighborhood: int = 3,
@@ -73,6 +74,7 @@ class GenerationMetrics(pl.Callback):
         self.decode_overrides = dict(decode_overrides or {})
         self.num_real = num_real
         self.seed = int(seed)
+        self.second_draw = bool(second_draw)
         self.metric_kwargs = dict(
             kid_subsets=int(kid_subsets),
             kid_subset_size=int(kid_subset_size),
@@ -122,12 +124,15 @@ class GenerationMetrics(pl.Callback):
     # -- evaluation ---------------------------------------------------------------------------------
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> dict[str, float]:
         with training_rng_untouched(pl_module.device):
-            metrics = self._generate_and_score(trainer, pl_module, split)
+            metrics = self._generate_and_score(trainer, pl_module, split, self.seed)
+            if self.second_draw:  # the same model, another draw of samples: the evaluation's own spread
+                second = self._generate_and_score(trainer, pl_module, split, second_draw_seed(self.seed))
+                metrics.update({f"{k}{SECOND_DRAW_SUFFIX}": v for k, v in second.items()})
         metrics = {**self.info, **metrics}
         self.last_metrics = metrics
         return metrics
 
-    def _generate_and_score(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> dict[str, float]:
+    def _generate_and_score(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str, seed: int) -> dict[str, float]:
         return evaluate_generation(
             pl_module,
             trainer.datamodule,
@@ -138,7 +143,7 @@ class GenerationMetrics(pl.Callback):
             decode_overrides=self.decode_overrides,
             batch_size=self.batch_size,
             split=split,
-            seed=self.seed,
+            seed=seed,
             num_real=self.num_real,
             progress=self.progress,
             **self.metric_kwargs,

@@ -427,6 +427,15 @@ def _as_extractor_list(extractor: str | FeatureExtractor | Sequence[str | Featur
     return list(extractor)
 
 
+SECOND_DRAW_OFFSET = 1_000_003  # beyond any seed a sweep gives its first draws
+
+
+def second_draw_seed(seed: int) -> int:
+    """The evaluation seed of the second draw (`evaluation.second_draw`): the samples of another
+    evaluation of the same model, disjoint from every first draw of seeds below SECOND_DRAW_OFFSET."""
+    return int(seed) + SECOND_DRAW_OFFSET
+
+
 def evaluate_generation(
     module: Any,
     datamodule: Any,

@@ -59,26 +59,35 @@ def validation_datamodule(cfg: DictConfig):
 
 
 def evaluate_checkpoint(cfg: DictConfig, module, datamodule) -> dict[str, float]:
-    """Generation metrics of `module` with the decode settings in `cfg.decode` and `cfg.evaluation`."""
+    """Generation metrics of `module` with the decode settings in `cfg.decode` and `cfg.evaluation`
+    (with `evaluation.second_draw`, also `<metric>_draw2`, as the training's callback reports them)."""
     import torch  # here, not at the top: bad input is refused before torch loads
 
-    from lightning_mim.eval.generation import evaluate_generation
+    from lightning_mim.eval.generation import evaluate_generation, second_draw_seed
+    from lightning_mim.settings import SECOND_DRAW_SUFFIX
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ev = cfg.evaluation
-    return evaluate_generation(
-        module.to(device),
-        datamodule,
-        num_samples=int(ev.num_samples),
-        extractor=list(ev.extractor),
-        cache_dir=str(Path(cfg.paths.cache_dir) / "eval"),
-        device=device,
-        decode_overrides=OmegaConf.to_container(cfg.decode, resolve=True),
-        batch_size=int(ev.batch_size),
-        split=str(ev.split),
-        seed=int(ev.seed),
-        inception_weights=ev.get("inception_weights"),
-    )
+
+    def score(seed: int) -> dict[str, float]:
+        return evaluate_generation(
+            module.to(device),
+            datamodule,
+            num_samples=int(ev.num_samples),
+            extractor=list(ev.extractor),
+            cache_dir=str(Path(cfg.paths.cache_dir) / "eval"),
+            device=device,
+            decode_overrides=OmegaConf.to_container(cfg.decode, resolve=True),
+            batch_size=int(ev.batch_size),
+            split=str(ev.split),
+            seed=seed,
+            inception_weights=ev.get("inception_weights"),
+        )
+
+    metrics = score(int(ev.seed))
+    if ev.get("second_draw"):
+        metrics.update({f"{k}{SECOND_DRAW_SUFFIX}": v for k, v in score(second_draw_seed(int(ev.seed))).items()})
+    return metrics
 
 
 def _log_to_mlflow(cfg: DictConfig, metrics: dict[str, float], run_name: str, trial: TrialContext,

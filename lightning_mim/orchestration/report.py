@@ -9,8 +9,8 @@ is named) under `<home>/sweeps/<study>/report/`, and logged to the sweep's MLflo
   series per value of the other axes, error bars the 95 % interval over seeds when there are seeds;
 - `samples.png`: the class grid each grid point's model drew at the end of its training, side by side;
 - for search-space sweeps, Optuna's own matplotlib plots: `history.png`, `slice.png`, `importances.png`;
-- `summary.md`: the sweep's table (mean ± 95 % interval, Welch's test against the best point; paired by
-  seed where both points evaluate the same trained models).
+- `summary.md`: the sweep's tables (mean ± 95 % interval and a verdict per point; every pair of points
+  compared, Holm-adjusted, with what an open comparison would need: `orchestration.summary`).
 
 The numbers come from the study itself (`summary.summarize` of its trials), so they are the console
 table's. The notebook `notebooks/ablations.ipynb` calls these same functions.
@@ -34,13 +34,16 @@ import yaml
 
 from lightning_mim.orchestration.sweep_spec import DEFAULT_INFERENCE_ONLY, SweepSpec
 from lightning_mim.orchestration.summary import (
-    REPORTED_METRICS,
+    COMPARISON_COLUMNS,
     SEED_KEY,
     PointSummary,
-    comparison_legend,
-    format_comparison,
-    format_estimate,
+    ProtocolMismatch,
+    SweepSummary,
+    VerdictOptions,
+    comparison_cells,
     outcomes_from_optuna,
+    point_cells,
+    point_columns,
     summarize,
 )
 
@@ -79,9 +82,16 @@ class Study:
         """A SweepSpec holding only the study's inference-only patterns (what `is_inference_only` needs)."""
         return SweepSpec(inference_only=list(self.spec.get("inference_only") or DEFAULT_INFERENCE_ONLY))
 
+    @property
+    def verdict_options(self) -> VerdictOptions:
+        """How the sweep read its comparisons (`sweep.alpha`, `sweep.equivalence`, `sweep.effect`)."""
+        return VerdictOptions(**(self.spec.get("verdicts") or {}))
+
+    def summary(self) -> SweepSummary:
+        return summarize(outcomes_from_optuna(self.trials), self.objective, self.direction, options=self.verdict_options)
+
     def points(self) -> list[PointSummary]:
-        return summarize(outcomes_from_optuna(self.trials), self.objective, self.direction,
-                         inference_only=self.inference_only_spec.is_inference_only)
+        return self.summary().points
 
     @property
     def parent_run_id(self) -> str | None:
@@ -272,22 +282,24 @@ def draw_optuna_plots(study: Study, directory: Path) -> list[Path]:
 
 
 # -- the table and the whole report --------------------------------------------------------------------
-def summary_markdown(study: Study, points: Sequence[PointSummary]) -> str:
-    metrics = [study.objective, *(m for m in REPORTED_METRICS if m != study.objective)]
-    metrics = [m for m in metrics if any(m in p.estimates for p in points)]
-    axes = study.axes or sorted({k for p in points for k in p.params})
-    lines = [
-        f"# {study.name}: {study.objective} ({study.direction})",
-        "",
-        f"mean ± half-width of the 95 % interval over seeds (Student t); vs best: {comparison_legend(points)}",
-        "",
-        "| " + " | ".join([*axes, "seeds", *metrics, "vs best"]) + " |",
-        "|" + "---|" * (len(axes) + len(metrics) + 2),
-    ]
-    for point in points:
-        cells = [point.params.get(a, "") for a in axes] + [str(len(point.seeds))]
-        cells += [format_estimate(point.estimates.get(m)) for m in metrics] + [format_comparison(point)]
-        lines.append("| " + " | ".join(cells) + " |")
+def summary_markdown(study: Study, summary: SweepSummary) -> str:
+    """The per-point table and every comparison, as the console prints them (`summary.point_cells`,
+    `summary.comparison_cells`)."""
+    axes = study.axes or sorted({k for p in summary.points for k in p.params})
+    columns, metrics = point_columns(summary, axes)
+
+    def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+        return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                *("| " + " | ".join(cells) + " |" for cells in rows)]
+
+    lines = [f"# {study.name}: {study.objective} ({study.direction})", "",
+             "mean ± half-width of the 95 % interval over seeds (Student t)", ""]
+    lines += table(columns, [point_cells(p, axes, metrics) for p in summary.points])
+    if summary.comparisons:
+        lines += ["", f"## Comparisons: {summary.legend()}", ""]
+        lines += table(COMPARISON_COLUMNS, [comparison_cells(c) for c in summary.comparisons])
+    if summary.noise_line():
+        lines += ["", summary.noise_line()]
     return "\n".join(lines) + "\n"
 
 
@@ -295,10 +307,15 @@ def write_report(study: Study) -> list[Path]:
     """Write every figure and the table of `study` under its `report/` directory; returns the files."""
     directory = study.directory / REPORT_DIR
     directory.mkdir(parents=True, exist_ok=True)
-    points = study.points()
     written = []
     table = directory / "summary.md"
-    table.write_text(summary_markdown(study, points))
+    try:
+        summary = study.summary()
+    except ProtocolMismatch as err:  # neither a table nor figures pool two protocols
+        table.write_text(f"# {study.name}: no table\n\n{err}\n")
+        return [table]
+    points = summary.points
+    table.write_text(summary_markdown(study, summary))
     written.append(table)
     if points and not study.is_search:
         for axis in study.axes:

@@ -1,9 +1,13 @@
-"""A sweep's result per grid point: the seeds of a point pooled into mean ± 95 % interval, and each
-point tested against the best one (`lightning_mim.statistics`: Student-t interval; Welch's t-test, or the
-paired t-test by seed when both points evaluate the same trained models).
+"""A sweep's result per grid point and its verdicts: the seeds of a point pooled into mean ± 95 %
+interval (`lightning_mim.statistics`), and every pair of points compared with the family-wise error
+controlled (`lightning_mim.verdicts`: Holm over all pairs at `sweep.alpha`; the paired t-test over the
+seeds two points share — seed i of every point has the same initial weights, data order and
+evaluation draws, so the design blocks by seed —, Welch's test where they share none; equivalence
+within `sweep.equivalence` by two one-sided tests; the seeds a comparison still open would need).
 
-One function, `summarize`, computes what the console table (`orchestration.sweep.print_summary`), the
-MLflow parent run (`log_to_parent`) and the notebook show, so the three agree by construction.
+One function, `summarize`, computes what the console table (`sweep_console.print_summary`), the MLflow
+parent run (`log_to_parent`), the report and the notebook show, so they agree by construction; the
+cells are formatted once here (`point_cells`, `comparison_cells`).
 """
 
 from __future__ import annotations
@@ -11,15 +15,51 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
-from lightning_mim.statistics import ALPHA, Estimate, mean_interval, paired_p_value, resolved, welch_p_value
+from lightning_mim.orchestration.fingerprint import PROTOCOL_ATTR, protocol_difference
+from lightning_mim.settings import SECOND_DRAW_SUFFIX
+from lightning_mim.statistics import ALPHA, Estimate, NoiseShare, evaluation_noise, mean_interval
+from lightning_mim.verdicts import (
+    BEST,
+    DIFFERENT,
+    EQUIVALENT,
+    OPEN,
+    PAIRED,
+    UNTESTABLE,
+    WELCH,
+    Comparison,
+    compare_all,
+    point_verdicts,
+)
 
 SEED_KEY = "seed"
-WELCH, PAIRED = "welch", "paired"  # PointSummary.test: which test gave p_vs_best
+SEED_ATTR = "seed"  # the Optuna trial's user attribute with the seed it trained with
 REPORTED_METRICS = ("val/fid_domain", "val/cas", "val/is_domain", "val/loss")
 TABLE_ARTIFACT = "points.json"
+COMPARISONS_ARTIFACT = "comparisons.json"
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_/. -]")  # MLflow metric names allow only these characters
+__all__ = ["PAIRED", "WELCH", "DIFFERENT", "EQUIVALENT", "OPEN", "UNTESTABLE"]
+
+
+@dataclass(frozen=True)
+class VerdictOptions:
+    """How the comparisons are read, fixed before the sweep (`sweep.alpha`, `sweep.equivalence`,
+    `sweep.effect`): the family-wise error rate; a margin in objective units within which two points
+    count as equivalent (None: no equivalence tests); the difference the seeds-needed estimate is for
+    (None: the observed one, flagged as such)."""
+
+    alpha: float = ALPHA
+    equivalence: float | None = None
+    effect: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"sweep.alpha={self.alpha}: must be in (0, 1)")
+        for name in ("equivalence", "effect"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"sweep.{name}={value}: must be a number > 0 (objective units)")
 
 
 @dataclass(frozen=True)
@@ -31,25 +71,84 @@ class TrialOutcome:
     state: str  # COMPLETE, FAIL, PRUNED, ...
     value: float | None
     metrics: dict[str, float] = field(default_factory=dict)
+    protocol: dict[str, Any] | None = None  # `fingerprint.evaluation_protocol` (None: not recorded)
+    seed: str | None = None  # the seed it trained with, when that is not its `seed` param (sweep.replicates)
+
+    def trained_seed(self) -> str:
+        return self.seed if self.seed is not None else self.params.get(SEED_KEY, "")
+
+
+class ProtocolMismatch(ValueError):
+    """Trials measured under different evaluation protocols: their numbers are neither pooled nor compared."""
 
 
 @dataclass(frozen=True)
 class PointSummary:
     """One grid point: its non-seed params, the seeds and trials behind it, an Estimate per metric
-    (objective first), and the comparison of its objective with the best point's."""
+    (objective first), its objective per seed, its comparison with the best point and its verdict
+    (`verdicts.point_verdicts`: best, worse than best, equivalent to best, not distinguished from best,
+    not testable)."""
 
     params: dict[str, str]
     seeds: list[str]
     trials: list[int]
     estimates: dict[str, Estimate]
     values: dict[str, list[float]]
+    by_seed: dict[str, float]
     is_best: bool
-    p_vs_best: float | None
-    resolved_vs_best: bool | None
-    test: str | None = None  # WELCH or PAIRED for the other points; None for the best one
+    verdict: str
+    vs_best: Comparison | None = None
 
     def label(self) -> str:
         return ",".join(f"{k}={v}" for k, v in sorted(self.params.items())) or "all"
+
+    @property
+    def p_vs_best(self) -> float | None:
+        """The Holm-adjusted p-value of the difference from the best point (None: best or not testable)."""
+        return None if self.vs_best is None else self.vs_best.p_adjusted
+
+    @property
+    def test(self) -> str | None:
+        return None if self.vs_best is None else self.vs_best.test
+
+
+@dataclass(frozen=True)
+class SweepSummary:
+    """The points (best first) and every pairwise comparison of their objective, read with `options`."""
+
+    objective: str
+    direction: str
+    options: VerdictOptions
+    points: list[PointSummary]
+    comparisons: list[Comparison]
+    noise: NoiseShare | None = None  # evaluation noise against the seeds' spread (`evaluation.second_draw`)
+
+    def legend(self) -> str:
+        """How the verdicts were reached, for a table's title."""
+        tests = sorted({c.test for c in self.comparisons if c.p_value is not None})
+        named = {PAIRED: "paired t-test over the seeds both points have", WELCH: "Welch's t-test (no common seeds)"}
+        text = (f"every pair of points compared, {' / '.join(named[t] for t in tests) or 'no test (one seed)'}; "
+                f"p-values Holm-adjusted over the {len([c for c in self.comparisons if c.p_value is not None])} "
+                f"comparison(s), family-wise α = {self.options.alpha}")
+        if self.options.equivalence is not None:
+            text += f"; equivalent: within ±{self.options.equivalence:g} by two one-sided tests (in the same Holm family)"
+        return text
+
+    def noise_line(self) -> str | None:
+        """`evaluation noise: 12 % of the seed-to-seed variance of val/fid_domain (second draws of 9
+        trials) — more seeds sharpen ...`, or None without second draws."""
+        noise = self.noise
+        if noise is None:
+            return None
+        if noise.share is None:
+            return (f"evaluation noise of {self.objective}: sd {noise.evaluation_variance ** 0.5:.3g} "
+                    f"(second draws of {noise.trials} trial(s)); no point has 2+ seeds to set it against")
+        share = noise.share
+        advice = ("more evaluation samples would sharpen the comparisons most" if share >= 0.5 else
+                  "more seeds, not more evaluation samples, would sharpen the comparisons")
+        return (f"evaluation noise: {100 * share:.0f} % of the seed-to-seed variance of {self.objective} "
+                f"(sd {noise.evaluation_variance ** 0.5:.3g} of {noise.seed_variance ** 0.5:.3g}; second draws of "
+                f"{noise.trials} trial(s)): {advice}")
 
 
 def outcomes_from_optuna(trials: Iterable[Any]) -> list[TrialOutcome]:
@@ -61,6 +160,8 @@ def outcomes_from_optuna(trials: Iterable[Any]) -> list[TrialOutcome]:
             state=t.state.name,
             value=t.value,
             metrics=dict(t.user_attrs.get("metrics") or {}),
+            protocol=t.user_attrs.get(PROTOCOL_ATTR),
+            seed=t.user_attrs.get(SEED_ATTR),
         )
         for t in trials
         if t.state.name != "WAITING"
@@ -72,18 +173,15 @@ def summarize(
     objective: str,
     direction: str,
     metrics: Sequence[str] = REPORTED_METRICS,
-    alpha: float = ALPHA,
-    inference_only: Callable[[str], bool] | None = None,
-) -> list[PointSummary]:
-    """Pool the COMPLETE trials by grid point (params without `seed`), best point first.
+    options: VerdictOptions = VerdictOptions(),
+) -> SweepSummary:
+    """Pool the COMPLETE trials by grid point (params without `seed`), best point first, and compare
+    every pair of points (`verdicts.compare_all`, blocked by seed).
 
     Per point: an Estimate of the objective (the trial's recorded metric of that name, else its Optuna
-    value) and of every metric in `metrics` that its trials report;
-    the best point has the best mean objective (`direction`); every other point gets the p-value of
-    its objective values against the best point's and whether the difference is resolved at `alpha`
-    (None when not testable). The test is the paired t-test over the seeds both points have when
-    they differ only in keys `inference_only(key)` says are inference-only (the same trained models,
-    evaluated two ways) and share >= 2 seeds; Welch's t-test otherwise (None below 2 seeds a side).
+    value) and of every metric in `metrics` that its trials report. The best point has the best mean
+    objective (`direction`); because every pair is in the Holm family, naming the best after seeing the
+    data keeps the family-wise error rate at `options.alpha`.
     """
     if direction not in ("minimize", "maximize"):
         raise ValueError(f"direction must be minimize or maximize, got {direction!r}")
@@ -93,13 +191,12 @@ def summarize(
             continue
         point = {k: v for k, v in outcome.params.items() if k != SEED_KEY}
         groups.setdefault(tuple(sorted(point.items())), []).append(outcome)
-    if not groups:
-        return []
+    check_one_protocol([o for members in groups.values() for o in members])
     names = [objective, *(m for m in metrics if m != objective)]
     pooled = []
     for key, members in groups.items():
         values: dict[str, list[float]] = {objective: [float(o.metrics.get(objective, o.value)) for o in members]}
-        by_seed = dict(zip((o.params.get(SEED_KEY, "") for o in members), values[objective]))  # for paired tests
+        by_seed = dict(zip((o.trained_seed() for o in members), values[objective]))  # blocks: the seeds points share
         for name in names[1:]:
             got = [float(o.metrics[name]) for o in members if name in o.metrics and math.isfinite(o.metrics[name])]
             if got:
@@ -107,46 +204,48 @@ def summarize(
         pooled.append((dict(key), members, values, {n: mean_interval(v) for n, v in values.items()}, by_seed))
     sign = 1 if direction == "minimize" else -1
     pooled.sort(key=lambda p: (sign * p[3][objective].mean, str(sorted(p[0].items()))))
-    best_params, _, best, _, best_by_seed = pooled[0]
-    summaries = []
-    for index, (params, members, values, estimates, by_seed) in enumerate(pooled):
-        p, test = None, None
-        if index > 0:
-            common = sorted(set(by_seed) & set(best_by_seed))
-            if _same_models(params, best_params, inference_only) and len(common) >= 2:
-                p, test = paired_p_value([by_seed[s] for s in common], [best_by_seed[s] for s in common]), PAIRED
-            else:
-                p, test = welch_p_value(values[objective], best[objective]), WELCH
-        summaries.append(
-            PointSummary(
-                params=params,
-                seeds=sorted({o.params.get(SEED_KEY, "") for o in members}),
-                trials=sorted(o.number for o in members),
-                estimates=estimates,
-                values=values,
-                is_best=index == 0,
-                p_vs_best=p,
-                resolved_vs_best=None if index == 0 else resolved(p, alpha),
-                test=test,
+    labels = [_label(params) for params, *_ in pooled]
+    comparisons = compare_all(
+        {label: by_seed for label, (*_, by_seed) in zip(labels, pooled)},
+        alpha=options.alpha, blocked=True, equivalence=options.equivalence, effect=options.effect,
+    ) if len(pooled) > 1 else []
+    means = {label: p[3][objective].mean for label, p in zip(labels, pooled)}
+    verdicts = point_verdicts(comparisons, means, direction) if comparisons else {label: BEST for label in labels}
+    points = []
+    for index, (label, (params, members, values, estimates, by_seed)) in enumerate(zip(labels, pooled)):
+        vs_best = None if index == 0 else next(c for c in comparisons if {c.a, c.b} == {label, labels[0]})
+        points.append(PointSummary(
+            params=params,
+            seeds=sorted({o.trained_seed() for o in members}, key=lambda s: (len(s), s)),
+            trials=sorted(o.number for o in members),
+            estimates=estimates,
+            values=values,
+            by_seed=by_seed,
+            is_best=index == 0,
+            verdict=verdicts[label],
+            vs_best=vs_best,
+        ))
+    draws = [(float(o.metrics.get(objective, o.value)), float(o.metrics[objective + SECOND_DRAW_SUFFIX]))
+             for members in groups.values() for o in members if objective + SECOND_DRAW_SUFFIX in o.metrics]
+    noise = evaluation_noise(draws, [p[2][objective] for p in pooled])
+    return SweepSummary(objective, direction, options, points, comparisons, noise)
+
+
+def check_one_protocol(outcomes: Sequence[TrialOutcome]) -> None:
+    """ProtocolMismatch, in one line naming the first difference, when two of `outcomes` were scored
+    under different evaluation protocols (trials that recorded none are taken as they are)."""
+    recorded = [o for o in outcomes if o.protocol is not None]
+    for outcome in recorded[1:]:
+        difference = protocol_difference(recorded[0].protocol, outcome.protocol)
+        if difference:
+            raise ProtocolMismatch(
+                f"trials {recorded[0].number} and {outcome.number} were scored under different evaluation protocols "
+                f"({difference}): their numbers are not pooled or compared; sweep each protocol on its own"
             )
-        )
-    return summaries
 
 
-def _same_models(a: Mapping[str, str], b: Mapping[str, str], inference_only: Callable[[str], bool] | None) -> bool:
-    """Whether two points evaluate the same trained models: every key on which they differ is inference-only."""
-    if inference_only is None:
-        return False
-    differing = {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
-    return bool(differing) and all(inference_only(k) for k in differing)
-
-
-def comparison_legend(summaries: Sequence[PointSummary], alpha: float = ALPHA) -> str:
-    """How the "vs best" column was tested, for the table's title: Welch's test, and the paired one where used."""
-    legend = f"Welch t-test at α = {alpha}"
-    if any(p.test == PAIRED for p in summaries):
-        legend += " (paired t-test by seed where the points share their trained models)"
-    return legend
+def _label(params: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(params.items())) or "all"
 
 
 def format_estimate(estimate: Estimate | None, digits: int = 4) -> str:
@@ -159,31 +258,91 @@ def format_estimate(estimate: Estimate | None, digits: int = 4) -> str:
 
 
 def format_comparison(point: PointSummary) -> str:
-    """`best`, `p=0.003 resolved`, `p=0.41 not resolved`, `p=0.024 resolved (paired)`, or `n/a (needs 2+ seeds)`."""
+    """The point's verdict cell: `best`, `worse than best (p=0.003, paired)`, `not distinguished from
+    best (p=0.41, paired)`, `equivalent to best (p=0.01, paired)` or `n/a (needs 2+ seeds)`; p is the
+    Holm-adjusted p-value of the comparison that decided (the equivalence test's for "equivalent")."""
     if point.is_best:
-        return "best"
-    if point.p_vs_best is None:
+        return BEST
+    comparison = point.vs_best
+    if comparison is None or comparison.verdict == UNTESTABLE:
         return "n/a (needs 2+ seeds)"
-    paired = " (paired)" if point.test == PAIRED else ""
-    return f"p={point.p_vs_best:.2g} {'resolved' if point.resolved_vs_best else 'not resolved'}{paired}"
+    p = comparison.equivalence_p_adjusted if comparison.verdict == EQUIVALENT else comparison.p_adjusted
+    return f"{point.verdict} (p={p:.2g}, {comparison.test})"
 
 
-def table_rows(summaries: Sequence[PointSummary], objective: str) -> list[dict[str, Any]]:
+def point_columns(summary: SweepSummary, axes: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(columns, metrics shown) of the per-point table: the axes, seeds, the objective and the other
+    reported metrics present, the verdict."""
+    metrics = [summary.objective, *(m for m in REPORTED_METRICS if m != summary.objective)]
+    metrics = [m for m in metrics if any(m in p.estimates for p in summary.points)] or [summary.objective]
+    return [*axes, "seeds", *metrics, "verdict (Holm-adjusted p)"], metrics
+
+
+def point_cells(point: PointSummary, axes: Sequence[str], metrics: Sequence[str]) -> list[str]:
+    """One row of the per-point table, as the console, the report and the notebook print it."""
+    return ([point.params.get(k, "") for k in axes] + [str(len(point.seeds))]
+            + [format_estimate(point.estimates.get(m)) for m in metrics] + [format_comparison(point)])
+
+
+COMPARISON_COLUMNS = ("a", "b", "test", "n", "a − b", "95 % CI of a − b", "seed correlation", "p (Holm)",
+                      "verdict", "detectable (80 % power)", "seeds needed")
+
+
+def comparison_cells(comparison: Comparison) -> list[str]:
+    """One row of the comparisons table: the pair, its test and size, the difference of means (paired:
+    the mean per-seed difference), the correlation of the two points' per-seed values, the adjusted
+    p-value, the verdict, and for an open comparison the smallest difference its seeds could detect
+    and the seeds per point a named (or, marked `~`, the observed) difference would need."""
+    def number(value: float | None, digits: str = ".3g") -> str:
+        return "" if value is None else format(value, digits)
+
+    interval = "" if comparison.ci_low is None else f"[{comparison.ci_low:.3g}, {comparison.ci_high:.3g}]"
+    n = str(comparison.n_a) if comparison.test == PAIRED else f"{comparison.n_a}+{comparison.n_b}"
+    needed = ""
+    if comparison.verdict == OPEN and comparison.seeds_needed is not None:
+        needed = ("~" if comparison.effect_is_observed else "") + str(comparison.seeds_needed)
+    return [comparison.a, comparison.b, comparison.test, n, f"{comparison.difference:+.4g}", interval,
+            number(comparison.correlation, ".2f"), number(comparison.p_adjusted, ".2g"), comparison.verdict,
+            number(comparison.detectable) if comparison.verdict == OPEN else "", needed]
+
+
+MAX_PAIRS_SHOWN = 15  # the console lists every pair up to 6 points; beyond, the pairs with the best point
+
+
+def shown_comparisons(summary: SweepSummary) -> list[Comparison]:
+    """The comparisons a console table lists: all of them, or those with the best point when there
+    are more than MAX_PAIRS_SHOWN (the report lists all)."""
+    if len(summary.comparisons) <= MAX_PAIRS_SHOWN:
+        return list(summary.comparisons)
+    best = summary.points[0].label()
+    return [c for c in summary.comparisons if best in (c.a, c.b)]
+
+
+def table_rows(summary: SweepSummary) -> list[dict[str, Any]]:
     """One plain row per point (the MLflow table artifact and the notebook read these columns):
-    the params, `n_seeds`, `<metric> mean / ci_low / ci_high` for every estimate, `p_vs_best`, `test`
-    (welch / paired; None for the best point), `resolved`."""
+    the params, `n_seeds`, `<metric> mean / ci_low / ci_high` for every estimate, `verdict`,
+    `p_vs_best` (Holm-adjusted; None for the best point), `test` (paired / welch)."""
     rows = []
-    for point in summaries:
-        row: dict[str, Any] = {**point.params, "point": point.label(), "n_seeds": len(point.values[objective])}
+    for point in summary.points:
+        row: dict[str, Any] = {**point.params, "point": point.label(), "n_seeds": len(point.values[summary.objective])}
         for name, estimate in point.estimates.items():
             row[f"{name} mean"] = estimate.mean
             row[f"{name} ci_low"] = estimate.low
             row[f"{name} ci_high"] = estimate.high
+        row["verdict"] = point.verdict
         row["p_vs_best"] = point.p_vs_best
         row["test"] = point.test
-        row["resolved"] = "best" if point.is_best else point.resolved_vs_best
         rows.append(row)
     return rows
+
+
+def comparison_rows(summary: SweepSummary) -> list[dict[str, Any]]:
+    """Every comparison as a plain row (`comparisons.json` on the parent run): all of `Comparison`'s
+    fields, plus the options the verdicts were read with."""
+    from dataclasses import asdict
+
+    extra = {"alpha": summary.options.alpha, "equivalence": summary.options.equivalence, "effect": summary.options.effect}
+    return [{**asdict(c), **extra} for c in summary.comparisons]
 
 
 def metric_key(*parts: str) -> str:
@@ -191,10 +350,10 @@ def metric_key(*parts: str) -> str:
     return "/".join(_UNSAFE.sub("_", p) for p in parts)
 
 
-def parent_metrics(summaries: Sequence[PointSummary]) -> dict[str, float]:
-    """Per-point aggregates as flat MLflow metrics: mean, ci_low, ci_high, n, p_vs_best."""
+def parent_metrics(summary: SweepSummary) -> dict[str, float]:
+    """Per-point aggregates as flat MLflow metrics: mean, ci_low, ci_high, n, p_vs_best (Holm-adjusted)."""
     out: dict[str, float] = {}
-    for point in summaries:
+    for point in summary.points:
         label = "_".join(f"{k}_{v}" for k, v in sorted(point.params.items())) or "all"
         for name, estimate in point.estimates.items():
             out[metric_key("point", label, name, "mean")] = estimate.mean
@@ -204,6 +363,10 @@ def parent_metrics(summaries: Sequence[PointSummary]) -> dict[str, float]:
         out[metric_key("point", label, "n_seeds")] = float(len(next(iter(point.values.values()))))
         if point.p_vs_best is not None:
             out[metric_key("point", label, "p_vs_best")] = point.p_vs_best
+    if summary.noise is not None:
+        out["evaluation_noise/variance"] = summary.noise.evaluation_variance
+        if summary.noise.share is not None:
+            out["evaluation_noise/share_of_seed_variance"] = summary.noise.share
     return out
 
 
@@ -213,9 +376,10 @@ def table_json(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {"columns": columns, "data": [[row.get(c) for c in columns] for row in rows]}
 
 
-def log_to_parent(client, run_id: str, summaries: Sequence[PointSummary], objective: str) -> None:
-    """The per-point aggregates on the sweep's MLflow parent run: flat metrics and the table artifact
-    `points.json`, which `mlflow.load_table` and the run's artifact view read.
+def log_to_parent(client, run_id: str, summary: SweepSummary) -> None:
+    """The per-point aggregates on the sweep's MLflow parent run: flat metrics, the verdict options as
+    tags, and the table artifacts `points.json` (a row per point) and `comparisons.json` (a row per
+    pair), which `mlflow.load_table` and the run's artifact view read.
 
     Written with `log_dict` in MLflow's table layout and registered as a table in the run's
     `mlflow.loggedArtifacts` tag, as `MlflowClient.log_table` does, because `log_table` APPENDS to an
@@ -225,17 +389,21 @@ def log_to_parent(client, run_id: str, summaries: Sequence[PointSummary], object
     from mlflow.entities import Metric
     from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
-    items = list(parent_metrics(summaries).items())
+    items = list(parent_metrics(summary).items())
     for start in range(0, len(items), 500):
         client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in items[start : start + 500]])
-    rows = table_rows(summaries, objective)
-    if not rows:
-        return
-    client.log_dict(run_id, table_json(rows), TABLE_ARTIFACT)
+    for key, value in {"alpha": summary.options.alpha, "equivalence": summary.options.equivalence,
+                       "effect": summary.options.effect}.items():
+        client.set_tag(run_id, f"sweep.{key}", str(value))  # tags: a resumed sweep may read them otherwise
     logged = json.loads(client.get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
-    entry = {"path": TABLE_ARTIFACT, "type": "table"}
-    if entry not in logged:
-        client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
+    for name, rows in ((TABLE_ARTIFACT, table_rows(summary)), (COMPARISONS_ARTIFACT, comparison_rows(summary))):
+        if not rows:
+            continue
+        client.log_dict(run_id, table_json(rows), name)
+        entry = {"path": name, "type": "table"}
+        if entry not in logged:
+            logged.append(entry)
+    client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps(logged))
 
 
 def estimates_from_row(row: Mapping[str, Any]) -> dict[str, Estimate]:

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from lightning_mim.orchestration.config import ConfigError, absolutize_paths, compose, report_config_error
+from lightning_mim.orchestration.fingerprint import PROTOCOL_ATTR, evaluation_protocol
 from lightning_mim.orchestration.launchers import TrialFailed, die_with_parent, launch, run_local
 from lightning_mim.orchestration.protocol import (
     PROGRESS_FILE,
@@ -46,6 +47,7 @@ from lightning_mim.orchestration.protocol import (
 )
 from lightning_mim.orchestration.schema import config_problems, format_problem
 from lightning_mim.orchestration.stages import cached
+from lightning_mim.orchestration.summary import SEED_ATTR
 from lightning_mim.orchestration.sweep_console import TrialsBar, point_name, print_summary, write_sweep_report
 from lightning_mim.orchestration.sweep_spec import SweepSpec, named_sweeps, parse, write_spec
 from lightning_mim.orchestration.sweep_study import HEARTBEAT_SECONDS, INTERRUPTED, SweepStudy, incomplete_points
@@ -195,6 +197,8 @@ class Sweep:
     def objective(self, trial: optuna.Trial, params: dict[str, Any], parent_run_id: str | None) -> float:
         """Train (or reuse) and evaluate the model of `params`; the objective's value."""
         trial.set_user_attr("host", socket.gethostname())
+        if self.spec.trained_seed(params) is not None:
+            trial.set_user_attr(SEED_ATTR, self.spec.trained_seed(params))  # the summary pairs points by it
         trial.set_user_attr("pid", os.getpid())
         trial_dir = self.sweep_dir / f"trial-{trial.number:04d}"
         tags = {"lightning_mim.role": "trial", "lightning_mim.study": self.study_name, "optuna.trial_number": str(trial.number)}
@@ -250,6 +254,7 @@ class Sweep:
         the rest. A pruned training is not marked done: the next trial with the same settings resumes it.
         Returns (the trial's metrics, the trained checkpoint)."""
         cfg = self.trial_config(params, run_name)
+        trial.set_user_attr(PROTOCOL_ATTR, evaluation_protocol(cfg))  # numbers of two protocols are never pooled
         config_file = trial_dir / TRIAL_CONFIG
         phase = dict(trial=trial.number, progress_file=context.progress_file)
 
@@ -293,10 +298,15 @@ HELP = """usage: python -m lightning_mim.sweep [sweep=NAME] [AXIS=a,b,c ...] [KE
   KEY=VALUE                        fixed override for every trial (any train config key)
   sweep=NAME                       named study from sweeps/NAME.yaml: {names}
   sweep.objective=val/fid_domain   metric to optimise (sweep.direction=minimize|maximize)
-  sweep.seeds=3                    train every grid point with seeds 0..2; the table shows mean ± 95 % CI
-                                   and Welch's test against the best point, paired by seed where both
-                                   points evaluate the same models (default: the preset's
-                                   sweep_seeds, 3 for digits_*, 1 for imagenet256_*)
+  sweep.seeds=3                    train every grid point with seeds 0..2 (default: the preset's sweep_seeds,
+                                   3 for digits_*, 1 for imagenet256_*); the table shows mean ± 95 % CI and
+                                   compares every pair of points, paired by seed, Holm-adjusted
+  sweep.alpha=0.05                 the family-wise error rate of the table's verdicts
+  sweep.equivalence=DELTA          a margin in objective units, chosen before the sweep: a pair can also end
+                                   "equivalent" (two one-sided tests); without it, only "different" or "open"
+  sweep.effect=DELTA               the difference the seeds-needed estimate of an open pair is for
+                                   (default: the observed one, marked ~)
+  sweep.replicates=2               an A/A check: every point twice, on disjoint seeds (needs sweep.seeds >= 2)
   sweep.jobs=2                     run 2 trials at once on this machine (worker processes sharing the study,
                                    the cores shared out; default: the preset's sweep_jobs, 2 for digits_*)
   sweep.pruner=median              prune trials on the objective's intermediate values: auto (median for

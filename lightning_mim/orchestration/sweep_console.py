@@ -19,12 +19,15 @@ from typing import Any, Sequence
 
 from lightning_mim.orchestration.protocol import PROGRESS_FILE, read_progress
 from lightning_mim.orchestration.summary import (
-    REPORTED_METRICS,
+    COMPARISON_COLUMNS,
     SEED_KEY,
-    comparison_legend,
-    format_comparison,
-    format_estimate,
+    ProtocolMismatch,
+    SweepSummary,
+    comparison_cells,
     outcomes_from_optuna,
+    point_cells,
+    point_columns,
+    shown_comparisons,
     summarize,
 )
 from lightning_mim.orchestration.sweep_spec import SweepSpec
@@ -130,31 +133,42 @@ class TrialsBar:
 
 
 def print_summary(spec: SweepSpec, study_name: str, storage_url: str, trials: Sequence[Any], runs: Any) -> None:
-    """The per-point table (`orchestration.summary`: mean ± 95 % interval over seeds, Welch's test
-    against the best point, paired by seed between points that share their trained models), the
-    trials that did not complete, and how to open the runs in MLflow (`runs`: the sweep's `SweepRuns`)."""
+    """The per-point table (`orchestration.summary`: mean ± 95 % interval over seeds, each point's
+    verdict against the best), the comparisons table (every pair, Holm-adjusted, with what an open one
+    would need), the trials that did not complete, and how to open the runs in MLflow (`runs`: the
+    sweep's `SweepRuns`)."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 200)  # logs and CI: don't squash columns
     outcomes = outcomes_from_optuna(trials)
-    points = summarize(outcomes, spec.objective, spec.direction, inference_only=spec.is_inference_only)
+    try:
+        summary = summarize(outcomes, spec.objective, spec.direction, options=spec.verdict_options())
+    except ProtocolMismatch as err:
+        print(f"no table: {err}")
+        summary = SweepSummary(spec.objective, spec.direction, spec.verdict_options(), [], [])
+    points = summary.points
     axes = sorted({k for o in outcomes for k in o.params if k != SEED_KEY})
-    shown = [spec.objective, *(m for m in REPORTED_METRICS if m != spec.objective)]
-    shown = [m for m in shown if any(m in p.estimates for p in points)] or [spec.objective]
-    table = Table(
-        title=f"sweep {study_name} — {spec.objective} ({spec.direction}); mean ± 95 % CI over seeds "
-        f"(Student t), vs best: {comparison_legend(points)}"
-    )
-    for column in [*axes, "seeds", *shown, "vs best"]:
+    columns, shown = point_columns(summary, axes)
+    table = Table(title=f"sweep {study_name} — {spec.objective} ({spec.direction}); mean ± 95 % CI over seeds (Student t)")
+    for column in columns:
         table.add_column(column, justify="left" if column in axes else "right")
     for point in points:
-        row = [point.params.get(k, "") for k in axes]
-        row.append(str(len(point.values[spec.objective])))
-        row += [format_estimate(point.estimates.get(m)) for m in shown]
-        row.append(format_comparison(point))
-        table.add_row(*row)
-    console.print(table)
+        table.add_row(*point_cells(point, axes, shown))
+    if points:
+        console.print(table)
+    if summary.comparisons:
+        pairs = shown_comparisons(summary)
+        comparisons = Table(title=f"comparisons: {summary.legend()}"
+                            + ("" if len(pairs) == len(summary.comparisons) else
+                               f" (the {len(pairs)} with the best point shown; all {len(summary.comparisons)} in the report)"))
+        for column in COMPARISON_COLUMNS:
+            comparisons.add_column(column, justify="left" if column in ("a", "b", "verdict") else "right")
+        for comparison in pairs:
+            comparisons.add_row(*comparison_cells(comparison))
+        console.print(comparisons)
+    if summary.noise_line():
+        print(summary.noise_line())
     if points and all(len(p.values[spec.objective]) < 2 for p in points):
         print("one seed per point: no interval and no test (run sweep.seeds=3 before reading small differences)")
     # plain prints: commands and URLs must stay on one line to be copy-pasted (rich wraps them)

@@ -23,10 +23,12 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSw
 from lightning_mim.orchestration.config import ConfigError, parse_overrides, sweeps_dir
 from lightning_mim.orchestration.launchers import LAUNCHERS
 from lightning_mim.orchestration.pruning import PRUNERS
+from lightning_mim.orchestration.summary import VerdictOptions
 
 DIRECTIONS = ("minimize", "maximize")
 DEFAULT_INFERENCE_ONLY = ("decode.",)
 INTERMEDIATE_EVALS = ("auto", "true", "false")
+REPLICATE_KEY = "replicate"  # the grid axis of `sweep.replicates` (an A/A design)
 MAX_POINTS_TO_CHECK = 1000  # combinations of a search space's values checked before a sweep starts
 
 
@@ -51,6 +53,17 @@ class SweepSpec:
     launcher: str = "local"  # local: child processes of this driver | submitit: one job per trial
     submitit: dict[str, Any] = field(default_factory=dict)  # sweep.submitit.KEY=VALUE (cluster, timeout_min, ...)
     description: str = ""
+    # How the table reads the comparisons (summary.VerdictOptions); not part of the study's name: the
+    # same trials can be read again with another margin
+    alpha: float = 0.05
+    equivalence: float | None = None
+    effect: float | None = None
+    # An A/A design (`sweep.replicates=R`): every point R times as arms of their own, replicate r trained
+    # with the seeds r·N .. r·N + N - 1 (N = sweep.seeds), so the arms share no seed and differ by chance only
+    replicates: int = 1
+
+    def verdict_options(self) -> VerdictOptions:
+        return VerdictOptions(self.alpha, self.equivalence, self.effect)
 
     def effective_pruner(self) -> str:
         if self.pruner == "auto":
@@ -82,10 +95,13 @@ class SweepSpec:
         if self.seeds is not None:
             if self.seeds > 1 and self.has_seed_override():
                 raise ConfigError(f"sweep.seeds={self.seeds} and a seed override both set the seeds; keep one")
-            return
-        self.seeds = int(preset_default) if self.is_grid and not self.has_seed_override() else 1
-        if self.seeds < 1:
-            raise ConfigError(f"sweep_seeds={preset_default}: must be >= 1")
+        else:
+            self.seeds = int(preset_default) if self.is_grid and not self.has_seed_override() else 1
+            if self.seeds < 1:
+                raise ConfigError(f"sweep_seeds={preset_default}: must be >= 1")
+        if self.replicates > 1 and (not self.is_grid or self.has_seed_override() or self.seeds < 2):
+            raise ConfigError(f"sweep.replicates={self.replicates}: needs a grid, sweep.seeds >= 2 and no seed override "
+                              f"(each replicate takes seeds of its own)")
 
     def resolve_jobs(self, preset_default: int) -> None:
         """Settle how many trials run at once here: `sweep.jobs=N` if given, else the preset's `sweep_jobs`
@@ -99,7 +115,17 @@ class SweepSpec:
         space = dict(self.grid)
         if (self.seeds or 1) > 1:
             space["seed"] = [str(s) for s in range(self.seeds)]
+        if self.replicates > 1:
+            space[REPLICATE_KEY] = [str(r) for r in range(self.replicates)]
         return space
+
+    def trained_seed(self, params: dict[str, Any]) -> str | None:
+        """The seed a trial at `params` trains with: its `seed`, moved past the earlier replicates' seeds
+        for `sweep.replicates` (None: the config's own seed)."""
+        seed = params.get("seed")
+        if REPLICATE_KEY not in params:
+            return None if seed is None else str(seed)
+        return str(int(params[REPLICATE_KEY]) * (self.seeds or 1) + int(seed or 0))
 
     def grid_points(self) -> list[dict[str, str]]:
         space = self.grid_space()
@@ -153,7 +179,11 @@ class SweepSpec:
         return f"{self.name}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
     def trial_overrides(self, params: dict[str, Any]) -> list[str]:
-        return [*self.fixed, *(f"{k}={v}" for k, v in sorted(params.items()))]
+        """The config overrides of a trial at `params` (a replicate is no config key: it moves the seed)."""
+        settings = {k: v for k, v in params.items() if k != REPLICATE_KEY}
+        if REPLICATE_KEY in params:
+            settings["seed"] = self.trained_seed(params)
+        return [*self.fixed, *(f"{k}={v}" for k, v in sorted(settings.items()))]
 
 
 def _values_to_check(dist: optuna.distributions.BaseDistribution) -> list[str]:
@@ -205,12 +235,12 @@ def _apply_option(spec: SweepSpec, key: str, value: Any) -> None:
         if value not in ("auto", *PRUNERS):
             raise ConfigError(f"unknown sweep.pruner '{value}'; valid: auto, {', '.join(PRUNERS)}")
         spec.pruner = str(value)
-    elif key in ("n_trials", "seeds", "retries", "jobs"):
+    elif key in ("n_trials", "seeds", "retries", "jobs", "replicates"):
         try:
             setattr(spec, key, int(value))
         except (TypeError, ValueError):
             raise ConfigError(f"sweep.{key}={value!r}: expected an integer") from None
-        if key in ("jobs", "seeds") and getattr(spec, key) < 1:
+        if key in ("jobs", "seeds", "replicates") and getattr(spec, key) < 1:
             raise ConfigError(f"sweep.{key} must be >= 1, got {value}")
     elif key == "intermediate_evals":
         value = str(value).lower()
@@ -226,11 +256,21 @@ def _apply_option(spec: SweepSpec, key: str, value: Any) -> None:
         if name == "cluster" and value not in ("auto", "local", "slurm", "debug"):
             raise ConfigError(f"unknown sweep.submitit.cluster '{value}'; valid: auto, local, slurm, debug")
         spec.submitit[name] = value
+    elif key in ("alpha", "equivalence", "effect"):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"sweep.{key}={value!r}: expected a number") from None
+        setattr(spec, key, number)
+        try:
+            spec.verdict_options()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     elif key == "inference_only":
         spec.inference_only = [str(v) for v in (value if isinstance(value, list) else str(value).split(","))]
     else:
         valid = ("objective, direction, n_trials, seeds, retries, jobs, pruner, intermediate_evals, inference_only, "
-                 "launcher, submitit.KEY, storage, name")
+                 "launcher, submitit.KEY, storage, name, alpha, equivalence, effect, replicates")
         raise ConfigError(f"unknown sweep option '{key}'; valid: {valid}")
 
 
@@ -300,5 +340,6 @@ def write_spec(spec: SweepSpec, path: Path) -> None:
         "seeds": spec.seeds,
         "inference_only": spec.inference_only,
         "storage": spec.storage,  # None: sqlite:///<home>/optuna.db
+        "verdicts": {"alpha": spec.alpha, "equivalence": spec.equivalence, "effect": spec.effect},
     }
     path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -20,7 +20,7 @@ import optuna
 from optuna.trial import TrialState
 
 from lightning_mim.orchestration.protocol import objective_metric
-from lightning_mim.orchestration.summary import log_to_parent, outcomes_from_optuna, summarize
+from lightning_mim.orchestration.summary import ProtocolMismatch, log_to_parent, outcomes_from_optuna, summarize
 from lightning_mim.orchestration.sweep_spec import SweepSpec
 from lightning_mim.orchestration.sweep_study import DRIVER_DIED
 from lightning_mim.orchestration.tracking import compare_runs_url, ensure_experiment
@@ -124,10 +124,14 @@ class SweepRuns:
             client.set_tag(parent, "best_trial", str(best.number))
             for key, value in best.params.items():
                 client.set_tag(parent, f"best.{key}", str(value))
-            points = summarize(outcomes_from_optuna(trials), spec.objective, spec.direction,
-                               inference_only=spec.is_inference_only)
-            log_to_parent(client, parent, points, spec.objective)
-            client.set_tag(parent, "best_point", points[0].label())
+            try:
+                summary = summarize(outcomes_from_optuna(trials), spec.objective, spec.direction,
+                                    options=spec.verdict_options())
+            except ProtocolMismatch as err:
+                client.set_tag(parent, "lightning_mim.no_table", str(err))
+            else:
+                log_to_parent(client, parent, summary)
+                client.set_tag(parent, "best_point", summary.points[0].label())
             client.set_tag(parent, "seeds_per_point", str(spec.seeds))
         children = self.finished_child_runs(client)
         if children:

@@ -52,9 +52,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     OmegaConf.save(saved, output_dir / "config.yaml")
     params_and_tags = run_params_and_path_tags(cfg)  # before instantiate() resolves interpolations in place
 
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    datamodule = instantiate(cfg.data, _convert_="all")
-    model = instantiate(cfg.model, _recursive_=False, _convert_="all")
+    datamodule, model = seeded_data_and_model(cfg)
     checkpoint_cb = _checkpoint_callback(cfg, output_dir)
     exact_resume = ExactResume()  # a resumed run = the uninterrupted one
     callbacks = [checkpoint_cb, exact_resume, *_instantiate_callbacks(cfg)]
@@ -101,6 +99,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if bad:
         raise TrainingDiverged(f"non-finite metrics at step {trainer.global_step}: {', '.join(sorted(bad))}")
     return result
+
+
+def seeded_data_and_model(cfg: DictConfig) -> tuple[Any, Any]:
+    """The run's DataModule and model, built right after seeding with `cfg.seed`. Everything random
+    before the first step follows from the seed alone — the model's initial weights (same architecture,
+    same draws), the data order (`data.seed: ${seed}`) — and the evaluation draws use `evaluation.seed:
+    ${seed}`: so seed i of every grid point shares them, and a sweep's points are blocked by seed."""
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    model = instantiate(cfg.model, _recursive_=False, _convert_="all")
+    return datamodule, model
 
 
 def _checkpoint_callback(cfg: DictConfig, output_dir: Path) -> pl.callbacks.ModelCheckpoint:
