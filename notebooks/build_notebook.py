@@ -31,10 +31,11 @@ CELLS = [
         "from lightning_mim.orchestration import report\n"
         "from lightning_mim.orchestration.summary import format_estimate\n\n"
         "study = report.find_study(HOME, STUDY or None)\n"
-        "points = study.points()\n"
+        "summary = study.summary()  # refuses, in one line, trials scored under two evaluation protocols\n"
+        "points = summary.points\n"
         "figures = study.directory / report.REPORT_DIR\n"
         "print(f'study {study.name}: {len(study.trials)} trials, {len(points)} grid points, axes {study.axes or list(study.spec.get(\"search\") or {})}')\n"
-        "display(Markdown(report.summary_markdown(study, points)))"
+        "display(Markdown(report.summary_markdown(study, summary)))  # points, verdicts, every pair"
     ),
     new_markdown_cell("## The objective against each swept axis (error bars: 95 % interval over seeds)"),
     new_code_cell(

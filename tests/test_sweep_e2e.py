@@ -71,6 +71,10 @@ def test_grid_sweep_gives_complete_trials_and_nested_mlflow_runs(grid_sweep):
     complete = _complete_params(trials)
     assert len(trials) == 6 and len(complete) == 6 and len(set(complete)) == 6
     assert {t.params["seed"] for t in trials} == {"0", "1", "2"}
+    # each trial records its evaluation protocol and scores a second draw of samples (evaluation.second_draw)
+    assert all(t.user_attrs["evaluation_protocol"]["evaluation.num_samples"] == 20 for t in trials)
+    assert all("val/fid_domain_draw2" in t.user_attrs["metrics"] for t in trials)
+    assert "evaluation noise:" in proc.stdout and "of the seed-to-seed variance of val/fid_domain" in proc.stdout
     children = _child_runs(home, study.user_attrs["mlflow_parent_run_id"])
     assert len(children) == 6
     assert {r.data.params["schedule.name"] for r in children} == {"cosine", "sqrt"}
@@ -207,9 +211,14 @@ def test_console_table_and_mlflow_parent_run_agree(grid_sweep):
         assert estimate.low < estimate.mean < estimate.high
         assert format_estimate(estimate) in proc.stdout  # the console table's cell
         assert metrics[f"point/schedule_{row['schedule']}/val/fid_domain/mean"] == pytest.approx(row["val/fid_domain mean"])
-    worse = next(r for r in rows if r["resolved"] != "best")
-    assert 0 <= worse["p_vs_best"] <= 1 and f"p={worse['p_vs_best']:.2g}" in proc.stdout
+    worse = next(r for r in rows if r["verdict"] != "best")
+    assert 0 <= worse["p_vs_best"] <= 1 and f"{worse['verdict']} (p={worse['p_vs_best']:.2g}, paired)" in proc.stdout
     assert "mean ± 95 % CI over seeds" in proc.stdout
+    # every pair on the parent run too, with the options the verdicts were read with
+    path = client.download_artifacts(parent, "comparisons.json", str(home / "dl-pairs"))
+    (pair,) = rows_from_table_artifact(json.loads(Path(path).read_text()))
+    assert pair["test"] == "paired" and pair["p_adjusted"] == pytest.approx(worse["p_vs_best"]) and pair["alpha"] == 0.05
+    assert "Holm-adjusted" in proc.stdout and pair["verdict"] in proc.stdout
 
 
 # One kill per run of the same command, each at the first time the sweep reaches that phase, in the

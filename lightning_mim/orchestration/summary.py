@@ -127,9 +127,11 @@ class SweepSummary:
         """How the verdicts were reached, for a table's title."""
         tests = sorted({c.test for c in self.comparisons if c.p_value is not None})
         named = {PAIRED: "paired t-test over the seeds both points have", WELCH: "Welch's t-test (no common seeds)"}
+        tested = len([c for c in self.comparisons if c.p_value is not None])
+        hypotheses = tested * (2 if self.options.equivalence is not None else 1)
         text = (f"every pair of points compared, {' / '.join(named[t] for t in tests) or 'no test (one seed)'}; "
-                f"p-values Holm-adjusted over the {len([c for c in self.comparisons if c.p_value is not None])} "
-                f"comparison(s), family-wise α = {self.options.alpha}")
+                f"p-values Holm-adjusted over the {hypotheses} hypotheses of {tested} pair(s), "
+                f"family-wise α = {self.options.alpha}")
         if self.options.equivalence is not None:
             text += f"; equivalent: within ±{self.options.equivalence:g} by two one-sided tests (in the same Holm family)"
         return text
