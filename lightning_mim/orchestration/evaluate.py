@@ -195,7 +195,10 @@ def _print_table(rows: list[tuple[dict[str, Any], dict[str, float]]]) -> None:
     from rich.table import Table
 
     keys = sorted({k for setting, _ in rows for k in setting})
-    metric_names = sorted({m for _, metrics in rows for m in metrics if not m.startswith(("is_std", "kid_std"))})
+    from lightning_mim.settings import SECOND_DRAW_SUFFIX
+
+    shown = lambda m: not m.startswith(("is_std", "kid_std")) and not m.endswith(SECOND_DRAW_SUFFIX)  # noqa: E731
+    metric_names = sorted({m for _, metrics in rows for m in metrics if shown(m)})  # second draws: in the result
     table = Table(title="evaluation")
     for column in [*keys, *metric_names]:
         table.add_column(column)
