@@ -427,3 +427,50 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(tmp_path, tiny_stage2_overr
     run_module("lightning_mim.sweep", args, home)
     _, trials = _trials(home)
     assert sorted(_complete_params(trials)) == ['{"schedule": "cosine"}', '{"schedule": "linear"}']
+
+
+def test_repeats_search_reports_seed_means_and_confirms_the_choice_on_fresh_seeds(tmp_path, tiny_stage2_overrides):
+    """`sweep.repeats=2` on a tiny search space: each configuration TPE suggests trains seeds 0 and 1
+    and is told as their mean; the chosen one is trained again on seeds 2 and 3 in a study of its own,
+    whose mean ± interval is printed and logged to the search's parent run; a rerun runs nothing."""
+    from mlflow.tracking import MlflowClient
+
+    from lightning_mim.orchestration.summary import REPEATS_ATTR
+
+    home = tmp_path
+    args = ["model.label_smoothing=choice(0.0,0.2)", "sweep.n_trials=2", "sweep.repeats=2", *tiny_stage2_overrides]
+    proc = run_module("lightning_mim.sweep", args, home)
+    storage = f"sqlite:///{home}/optuna.db"
+    names = sorted(s.study_name for s in optuna.study.get_all_study_summaries(storage))
+    assert len(names) == 2 and names[0].startswith("adhoc-") and names[1].startswith("adhoc-confirm-"), names
+    search = optuna.load_study(study_name=names[0], storage=storage)
+    trials = search.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    for trial in trials:
+        by_seed = trial.user_attrs[REPEATS_ATTR]
+        assert sorted(by_seed) == ["0", "1"]
+        assert trial.value == pytest.approx(sum(m["val/fid_domain"] for m in by_seed.values()) / 2, rel=1e-12)
+        assert len({m["val/fid_domain"] for m in by_seed.values()}) == 2  # two seeds, two models
+    confirm = optuna.load_study(study_name=names[1], storage=storage)
+    fresh = confirm.get_trials(deepcopy=False)
+    assert sorted(t.params["seed"] for t in fresh) == ["2", "3"]
+    assert all(t.params["model.label_smoothing"] == str(search.best_params["model.label_smoothing"]) for t in fresh)
+    values = [t.value for t in fresh]
+    chosen = next(line for line in proc.stdout.splitlines() if line.startswith("chosen: "))
+    assert f"(trial {search.best_trial.number})" in chosen and "on fresh seeds 2,3: " in chosen, chosen
+    assert f"{sum(values) / 2:.4f} ± " in chosen and f"{search.best_value:.4f} over the search's seeds 0,1" in chosen, chosen
+    # the table reads each configuration as a point with its two seeds
+    assert any(line.startswith("│ ") and "│     2 │" in line for line in proc.stdout.splitlines()), proc.stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
+    parent = client.get_run(search.user_attrs["mlflow_parent_run_id"])
+    assert parent.data.metrics["confirmed/val/fid_domain"] == pytest.approx(sum(values) / 2, rel=1e-6)
+    assert parent.data.tags["confirmation_study"] == names[1]
+    children = _child_runs(home, parent.info.run_id)
+    assert sorted((r.data.tags["optuna.trial_number"], r.data.tags["lightning_mim.repeat"]) for r in children) == [
+        ("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")]
+    for run in children:  # each seed's run carries its own objective
+        by_seed = trials[int(run.data.tags["optuna.trial_number"])].user_attrs[REPEATS_ATTR]
+        assert run.data.metrics["objective/val/fid_domain"] == pytest.approx(
+            by_seed[run.data.tags["lightning_mim.repeat"]]["val/fid_domain"], rel=1e-6)
+    again = run_module("lightning_mim.sweep", args, home)
+    assert again.stdout.count("0 to run") == 2 and chosen in again.stdout

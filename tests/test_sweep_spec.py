@@ -178,3 +178,40 @@ def test_replicates_are_arms_of_their_own_on_disjoint_seeds():
         bad = parse(args)
         with pytest.raises(ConfigError, match="sweep.replicates=2: needs a grid, sweep.seeds >= 2"):
             bad.resolve_seeds(3)
+
+
+def test_repeats_train_each_configuration_with_seeds_and_confirm_on_fresh_ones():
+    spec = parse(["model.optim.lr=interval(1e-4,1e-3)", "schedule=cosine,linear", "sweep.n_trials=4", "sweep.repeats=3"])
+    spec.resolve_seeds(3)
+    assert spec.seeds == 1 and spec.repeat_seeds() == ["0", "1", "2"]
+    assert spec.effective_pruner() == "none"  # N trainings per trial: no single curve to prune on
+    confirm = spec.confirmation_spec({"model.optim.lr": 0.00042, "schedule": "linear"})
+    assert confirm.is_grid and confirm.grid == {"model.optim.lr": ["0.00042"], "schedule": ["linear"]}
+    assert [p["seed"] for p in confirm.grid_points()] == ["3", "4", "5"]  # seeds the search never saw
+    assert confirm.trial_overrides(confirm.grid_points()[0]) == ["model.optim.lr=0.00042", "schedule=linear", "seed=3"]
+    assert confirm.repeat_seeds() == [] and confirm.name == "adhoc-confirm"
+    assert confirm.study_name() != spec.study_name()
+    # the study's name changes with repeats, and names without them stay as they were
+    plain = parse(["model.optim.lr=interval(1e-4,1e-3)", "schedule=cosine,linear", "sweep.n_trials=4"])
+    two = parse(["model.optim.lr=interval(1e-4,1e-3)", "schedule=cosine,linear", "sweep.n_trials=4", "sweep.repeats=2"])
+    assert len({plain.study_name(), spec.study_name(), two.study_name()}) == 3
+    default = parse(["schedule=cosine,linear,sqrt"])
+    default.resolve_seeds(3)
+    assert default.study_name() == "adhoc-28c720ca47"  # the default sweep's study, as README's homes hold it
+
+
+@pytest.mark.parametrize("args", [
+    ["schedule=cosine,linear", "sweep.repeats=2"],  # a grid: sweep.seeds is its way
+    ["model.optim.lr=interval(1e-4,1e-3)", "sweep.n_trials=2", "sweep.repeats=2", "sweep.seeds=2"],
+    ["model.optim.lr=interval(1e-4,1e-3)", "sweep.n_trials=2", "sweep.repeats=2", "seed=4"],
+    ["model.optim.lr=interval(1e-4,1e-3)", "sweep.n_trials=2", "sweep.repeats=2", "sweep.pruner=median"],
+])
+def test_repeats_are_refused_where_they_mean_nothing(args):
+    spec = parse(args)
+    with pytest.raises(ConfigError, match=r"sweep.repeats=2: needs a search space .*, no seed override, no sweep.seeds > 1 and no pruner"):
+        spec.resolve_seeds(3)
+
+
+def test_repeats_must_be_a_positive_integer():
+    with pytest.raises(ConfigError, match="sweep.repeats must be >= 1, got 0"):
+        parse(["model.optim.lr=interval(1e-4,1e-3)", "sweep.repeats=0"])

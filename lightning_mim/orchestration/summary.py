@@ -35,6 +35,7 @@ from lightning_mim.verdicts import (
 
 SEED_KEY = "seed"
 SEED_ATTR = "seed"  # the Optuna trial's user attribute with the seed it trained with
+REPEATS_ATTR = "repeats"  # a `sweep.repeats` trial's user attribute: {seed: that seed's metrics}
 REPORTED_METRICS = ("val/fid_domain", "val/cas", "val/is_domain", "val/loss")
 TABLE_ARTIFACT = "points.json"
 COMPARISONS_ARTIFACT = "comparisons.json"
@@ -154,20 +155,23 @@ class SweepSummary:
 
 
 def outcomes_from_optuna(trials: Iterable[Any]) -> list[TrialOutcome]:
-    """Optuna FrozenTrials -> TrialOutcome (params as strings, the metrics the trial recorded)."""
-    return [
-        TrialOutcome(
-            number=t.number,
-            params={k: str(v) for k, v in t.params.items()},
-            state=t.state.name,
-            value=t.value,
-            metrics=dict(t.user_attrs.get("metrics") or {}),
-            protocol=t.user_attrs.get(PROTOCOL_ATTR),
-            seed=t.user_attrs.get(SEED_ATTR),
-        )
-        for t in trials
-        if t.state.name != "WAITING"
-    ]
+    """Optuna FrozenTrials -> TrialOutcome (params as strings, the metrics the trial recorded). A trial
+    of a `sweep.repeats` search (`REPEATS_ATTR`) becomes one outcome per seed it trained, so its
+    configuration is a point with those seeds, paired by seed with the other configurations (each
+    carries the trial's Optuna value, the seeds' mean; the summary reads a seed's own in its metrics)."""
+    outcomes = []
+    for t in trials:
+        if t.state.name == "WAITING":
+            continue
+        params = {k: str(v) for k, v in t.params.items()}
+        common = dict(number=t.number, params=params, state=t.state.name, value=t.value, protocol=t.user_attrs.get(PROTOCOL_ATTR))
+        repeats = t.user_attrs.get(REPEATS_ATTR) if t.state.name == "COMPLETE" else None
+        if repeats:
+            outcomes += [TrialOutcome(**common, metrics=dict(metrics), seed=str(seed)) for seed, metrics in repeats.items()]
+        else:
+            outcomes.append(TrialOutcome(**common, metrics=dict(t.user_attrs.get("metrics") or {}),
+                                         seed=t.user_attrs.get(SEED_ATTR)))
+    return outcomes
 
 
 def summarize(

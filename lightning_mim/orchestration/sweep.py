@@ -26,7 +26,9 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean
 from typing import Any, Sequence
 
 import optuna
@@ -47,15 +49,46 @@ from lightning_mim.orchestration.protocol import (
 )
 from lightning_mim.orchestration.schema import config_problems, format_problem
 from lightning_mim.orchestration.stages import cached
-from lightning_mim.orchestration.summary import SEED_ATTR
+from lightning_mim.orchestration.summary import REPEATS_ATTR, SEED_ATTR, SEED_KEY, format_estimate
 from lightning_mim.orchestration.sweep_console import TrialsBar, point_name, print_summary, write_sweep_report
 from lightning_mim.orchestration.sweep_spec import SweepSpec, named_sweeps, parse, write_spec
 from lightning_mim.orchestration.sweep_study import HEARTBEAT_SECONDS, INTERRUPTED, SweepStudy, incomplete_points
-from lightning_mim.orchestration.sweep_tracking import SweepRuns
+from lightning_mim.orchestration.sweep_tracking import REPEAT_TAG, SweepRuns
+from lightning_mim.statistics import Estimate, mean_interval
 
 __all__ = ["HEARTBEAT_SECONDS", "Sweep", "final_evaluation_only", "main", "point_name"]
 
 HELPER_FLAG = "--helper-worker"  # what `sweep.jobs=N` adds to the workers it starts
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """A `sweep.repeats` search's chosen configuration (trial `trial`, `params`), its mean over the
+    search's seeds (`search_mean`, the best of the search: biased in its favour) and the `estimate`
+    (mean ± 95 % interval) of `objective` over `fresh_seeds` the search never saw, from study `study`
+    (estimate None: no fresh seed completed)."""
+
+    study: str
+    trial: int
+    params: dict[str, Any]
+    search_seeds: list[str]
+    search_mean: float
+    fresh_seeds: list[str]
+    estimate: Estimate | None
+    objective: str
+
+    def line(self) -> str:
+        fresh = "no fresh seed completed" if self.estimate is None else f"{format_estimate(self.estimate)} (n={self.estimate.n})"
+        return (f"chosen: {point_name(self.params)} (trial {self.trial}): {self.objective} {self.search_mean:.4f} over the "
+                f"search's seeds {','.join(self.search_seeds)} (the search's best: biased in its favour); on fresh seeds "
+                f"{','.join(self.fresh_seeds)}: {fresh} (study {self.study})")
+
+    def record(self) -> dict[str, Any]:
+        """Plain data for MLflow and JSON."""
+        estimate = self.estimate
+        return {**{k: v for k, v in dataclasses.asdict(self).items() if k != "estimate"},
+                "estimate": None if estimate is None else {"mean": estimate.mean, "n": estimate.n, "low": estimate.low,
+                                                            "high": estimate.high}}
 
 
 def final_evaluation_keys(cfg: DictConfig) -> list[str]:
@@ -88,6 +121,8 @@ class Sweep:
 
     def __init__(self, spec: SweepSpec, base_overrides: Sequence[str] = ()) -> None:
         self.spec = spec
+        self.given_overrides = list(base_overrides)
+        self.confirmation: Confirmation | None = None  # `sweep.repeats`: the chosen configuration on fresh seeds
         probe = compose([*spec.fixed, *base_overrides])
         absolutize_paths(probe)
         self._defaults = probe  # every trial's config before the point's axes (`training_view`)
@@ -133,10 +168,32 @@ class Sweep:
         return self.runs.parent(study, lambda: self.study.lock("parent"), self.storage_url, self.sweep_dir / "spec.yaml")
 
     def finish(self, study: optuna.Study) -> None:
-        """The parent run's aggregates over every trial of the study, once no trial is left to run."""
+        """Once no trial is left to run: a `sweep.repeats` search's chosen configuration re-run on fresh
+        seeds (`confirm`), then the parent run's aggregates over every trial of the study."""
+        self.confirmation = self.confirm(study)
         parent = self.parent_run_id(study)
         if parent:
             self.runs.finish_parent(study, parent, self.spec)
+            if self.confirmation is not None:
+                self.runs.log_confirmation(parent, self.confirmation.record())
+
+    def confirm(self, study: optuna.Study) -> Confirmation | None:
+        """`sweep.repeats=N`: the configuration with the best mean over its N seeds, trained again with N
+        fresh seeds in a study of its own (`SweepSpec.confirmation_spec`; a rerun resumes it): the
+        estimate to quote, since the mean that won the search is biased in its favour. None without
+        repeats or without a complete trial."""
+        if not self.spec.repeat_seeds() or not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            return None
+        chosen = study.best_trial
+        print(f"the chosen configuration (trial {chosen.number}, {point_name(chosen.params)}) on fresh seeds:", flush=True)
+        again = Sweep(self.spec.confirmation_spec(chosen.params), self.given_overrides)
+        trials = again.run()
+        estimate = None
+        values = [t.value for t in trials if t.state == TrialState.COMPLETE]
+        if values:
+            estimate = mean_interval(values)
+        return Confirmation(again.study_name, chosen.number, dict(chosen.params), self.spec.repeat_seeds(), float(chosen.value),
+                            again.spec.grid_space().get(SEED_KEY, []), estimate, self.spec.objective)
 
     def run(self, finish: bool = True) -> list[optuna.trial.FrozenTrial]:
         """Run trials until the study is done; with `finish`, then write the parent run's aggregates
@@ -195,19 +252,39 @@ class Sweep:
             return TrialState.FAIL, None
 
     def objective(self, trial: optuna.Trial, params: dict[str, Any], parent_run_id: str | None) -> float:
-        """Train (or reuse) and evaluate the model of `params`; the objective's value."""
+        """Train (or reuse) and evaluate the model of `params`; the objective's value. With
+        `sweep.repeats=N` the configuration is trained with each of the seeds 0..N-1 (one after the
+        other, each in `trial-<n>/seed-<s>/`, each an MLflow run of its own) and the value is their mean;
+        the per-seed metrics are kept (`REPEATS_ATTR`) so the summary reads the N seeds as a point's seeds."""
         trial.set_user_attr("host", socket.gethostname())
         if self.spec.trained_seed(params) is not None:
             trial.set_user_attr(SEED_ATTR, self.spec.trained_seed(params))  # the summary pairs points by it
         trial.set_user_attr("pid", os.getpid())
         trial_dir = self.sweep_dir / f"trial-{trial.number:04d}"
+        seeds = self.spec.repeat_seeds()
+        if not seeds:
+            return self._measure(trial, params, trial_dir, parent_run_id)[self.spec.objective]
+        by_seed = {seed: self._measure(trial, {**params, SEED_KEY: seed}, trial_dir, parent_run_id, repeat=seed) for seed in seeds}
+        trial.set_user_attr(REPEATS_ATTR, by_seed)
+        shared = set.intersection(*(set(m) for m in by_seed.values()))
+        trial.set_user_attr("metrics", {name: fmean(m[name] for m in by_seed.values()) for name in sorted(shared)})
+        return fmean(m[self.spec.objective] for m in by_seed.values())
+
+    def _measure(self, trial: optuna.Trial, params: dict[str, Any], trial_dir: Path, parent_run_id: str | None,
+                 repeat: str | None = None) -> dict[str, float]:
+        """The metrics of one model: the config at `params` trained (or reused) and evaluated in
+        `trial_dir` (`trial_dir/seed-<repeat>` for one of a trial's repeats, whose MLflow run is tagged
+        with it), checked to hold a finite objective, which is logged to that MLflow run."""
         tags = {"lightning_mim.role": "trial", "lightning_mim.study": self.study_name, "optuna.trial_number": str(trial.number)}
+        if repeat is not None:
+            tags[REPEAT_TAG] = repeat
         context = TrialContext(parent_run_id=parent_run_id, tags=tags, progress_file=str(trial_dir / PROGRESS_FILE),
-                               objective=self.spec.objective)
+                               objective=self.spec.objective)  # the bar reads trial-<n>/progress, whichever repeat runs
+        model_dir = trial_dir if repeat is None else trial_dir / f"seed-{repeat}"
         phase_reached("asked", trial=trial.number, progress_file=context.progress_file)
         run_name = point_name(params) or f"trial-{trial.number:03d}"  # MLflow shows children by their point
         try:
-            metrics, checkpoint = self._train_or_reuse(trial, params, trial_dir, run_name, context)
+            metrics, checkpoint = self._train_or_reuse(trial, params, model_dir, run_name, context)
             trial.set_user_attr("checkpoint", checkpoint)  # the report finds the model's pictures beside it
         except optuna.TrialPruned:
             raise  # the training process already tagged its MLflow run optuna.state=PRUNED
@@ -215,15 +292,16 @@ class Sweep:
             trial.set_user_attr("error", str(err)[-2000:])
             self.runs.record_failed_run(trial.number, run_name, parent_run_id, tags, params, str(err))
             raise
-        trial.set_user_attr("metrics", metrics)
+        if repeat is None:
+            trial.set_user_attr("metrics", metrics)
         if self.spec.objective not in metrics:
             raise TrialFailed(f"objective '{self.spec.objective}' not among the trial's metrics: {', '.join(sorted(metrics))}")
         value = metrics[self.spec.objective]
         if value != value:  # NaN
             raise TrialFailed(f"objective '{self.spec.objective}' is NaN")
         phase_reached("logging", trial=trial.number, progress_file=context.progress_file)
-        self.runs.log_objective(trial.number, self.spec.objective, value)
-        return value
+        self.runs.log_objective(trial.number, self.spec.objective, value, repeat=repeat)
+        return metrics
 
     def trial_config(self, params: dict[str, Any], run_name: str) -> DictConfig:
         """The config of the trial at point `params`, composed and checked once, here: what its process
@@ -307,6 +385,8 @@ HELP = """usage: python -m lightning_mim.sweep [sweep=NAME] [AXIS=a,b,c ...] [KE
   sweep.effect=DELTA               the difference the seeds-needed estimate of an open pair is for
                                    (default: the observed one, marked ~)
   sweep.replicates=2               an A/A check: every point twice, on disjoint seeds (needs sweep.seeds >= 2)
+  sweep.repeats=3                  search spaces: train every suggested configuration with seeds 0..2 and
+                                   tell TPE their mean; the chosen one is re-run on seeds 3..5 (its estimate)
   sweep.jobs=2                     run 2 trials at once on this machine (worker processes sharing the study,
                                    the cores shared out; default: the preset's sweep_jobs, 2 for digits_*)
   sweep.pruner=median              prune trials on the objective's intermediate values: auto (median for
@@ -399,6 +479,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\ninterrupted: the study is saved; rerun the same command to resume", file=sys.stderr)
         return 130
     print_summary(spec, sweep.study_name, sweep.storage_url, trials, sweep.runs)
+    if sweep.confirmation is not None:
+        print(sweep.confirmation.line())
     write_sweep_report(sweep.home, sweep.study_name, sweep.runs.tracking_uri)
     print(f"wall time {time.time() - start:.0f} s")
     missing = incomplete_points(spec, trials)

@@ -9,6 +9,7 @@ Parsing uses Hydra's own override parser (`config.parse_overrides`), so the gram
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -61,13 +62,18 @@ class SweepSpec:
     # An A/A design (`sweep.replicates=R`): every point R times as arms of their own, replicate r trained
     # with the seeds r·N .. r·N + N - 1 (N = sweep.seeds), so the arms share no seed and differ by chance only
     replicates: int = 1
+    # A noisy search space (`sweep.repeats=N`): every configuration TPE suggests is trained with the
+    # seeds 0..N-1 and told to Optuna as their mean; the chosen one is re-run on the fresh seeds
+    # N..2N-1 (`confirmation_spec`), since the mean that won the search is biased in its favour
+    repeats: int = 1
+    first_seed: int = 0  # the seed axis runs first_seed .. first_seed + seeds - 1 (a confirmation's fresh seeds)
 
     def verdict_options(self) -> VerdictOptions:
         return VerdictOptions(self.alpha, self.equivalence, self.effect)
 
     def effective_pruner(self) -> str:
         if self.pruner == "auto":
-            return "none" if self.is_grid else "median"
+            return "none" if self.is_grid or self.repeats > 1 else "median"
         return self.pruner
 
     def submitit_options(self) -> dict[str, Any]:
@@ -102,6 +108,23 @@ class SweepSpec:
         if self.replicates > 1 and (not self.is_grid or self.has_seed_override() or self.seeds < 2):
             raise ConfigError(f"sweep.replicates={self.replicates}: needs a grid, sweep.seeds >= 2 and no seed override "
                               f"(each replicate takes seeds of its own)")
+        if self.repeats > 1 and (self.is_grid or self.has_seed_override() or self.seeds > 1 or self.pruner not in ("auto", "none")):
+            raise ConfigError(f"sweep.repeats={self.repeats}: needs a search space (choice/range/interval), no seed override, "
+                              f"no sweep.seeds > 1 and no pruner (each trial trains {self.repeats} seeds and reports their mean)")
+
+    def repeat_seeds(self) -> list[str]:
+        """The seeds every configuration of a `sweep.repeats` search trains with (none without repeats)."""
+        return [str(s) for s in range(self.repeats)] if self.repeats > 1 else []
+
+    def confirmation_spec(self, params: dict[str, Any]) -> "SweepSpec":
+        """The re-run of a `sweep.repeats` search's chosen configuration `params` on fresh seeds: a grid
+        of that one point with the seeds repeats .. 2·repeats - 1 (none of them seen by the search), in a
+        study of its own (named from it, so a rerun resumes it), read like any grid point."""
+        return dataclasses.replace(
+            self, grid={k: [str(v)] for k, v in sorted(params.items())}, search={}, name=f"{self.name}-confirm",
+            n_trials=None, seeds=self.repeats, first_seed=self.repeats, repeats=1, replicates=1, pruner="none", jobs=1,
+            description=f"the chosen configuration of a sweep.repeats={self.repeats} search, on fresh seeds",
+        )
 
     def resolve_jobs(self, preset_default: int) -> None:
         """Settle how many trials run at once here: `sweep.jobs=N` if given, else the preset's `sweep_jobs`
@@ -114,7 +137,7 @@ class SweepSpec:
     def grid_space(self) -> dict[str, list[str]]:
         space = dict(self.grid)
         if (self.seeds or 1) > 1:
-            space["seed"] = [str(s) for s in range(self.seeds)]
+            space["seed"] = [str(s) for s in range(self.first_seed, self.first_seed + self.seeds)]
         if self.replicates > 1:
             space[REPLICATE_KEY] = [str(r) for r in range(self.replicates)]
         return space
@@ -173,6 +196,7 @@ class SweepSpec:
                 "fixed": sorted(self.fixed),
                 "objective": [self.objective, self.direction],
                 "n_trials": self.n_trials if self.search else None,
+                **({"repeats": self.repeats} if self.repeats > 1 else {}),  # names without repeats stay as they were
             },
             sort_keys=True,
         )
@@ -235,12 +259,12 @@ def _apply_option(spec: SweepSpec, key: str, value: Any) -> None:
         if value not in ("auto", *PRUNERS):
             raise ConfigError(f"unknown sweep.pruner '{value}'; valid: auto, {', '.join(PRUNERS)}")
         spec.pruner = str(value)
-    elif key in ("n_trials", "seeds", "retries", "jobs", "replicates"):
+    elif key in ("n_trials", "seeds", "retries", "jobs", "replicates", "repeats"):
         try:
             setattr(spec, key, int(value))
         except (TypeError, ValueError):
             raise ConfigError(f"sweep.{key}={value!r}: expected an integer") from None
-        if key in ("jobs", "seeds", "replicates") and getattr(spec, key) < 1:
+        if key in ("jobs", "seeds", "replicates", "repeats") and getattr(spec, key) < 1:
             raise ConfigError(f"sweep.{key} must be >= 1, got {value}")
     elif key == "intermediate_evals":
         value = str(value).lower()
@@ -270,7 +294,7 @@ def _apply_option(spec: SweepSpec, key: str, value: Any) -> None:
         spec.inference_only = [str(v) for v in (value if isinstance(value, list) else str(value).split(","))]
     else:
         valid = ("objective, direction, n_trials, seeds, retries, jobs, pruner, intermediate_evals, inference_only, "
-                 "launcher, submitit.KEY, storage, name, alpha, equivalence, effect, replicates")
+                 "launcher, submitit.KEY, storage, name, alpha, equivalence, effect, replicates, repeats")
         raise ConfigError(f"unknown sweep option '{key}'; valid: {valid}")
 
 
@@ -338,6 +362,7 @@ def write_spec(spec: SweepSpec, path: Path) -> None:
         "direction": spec.direction,
         "n_trials": spec.n_trials,
         "seeds": spec.seeds,
+        **({"repeats": spec.repeats} if spec.repeats > 1 else {}),
         "inference_only": spec.inference_only,
         "storage": spec.storage,  # None: sqlite:///<home>/optuna.db
         "verdicts": {"alpha": spec.alpha, "equivalence": spec.equivalence, "effect": spec.effect},

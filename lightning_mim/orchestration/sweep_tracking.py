@@ -27,6 +27,7 @@ from lightning_mim.orchestration.tracking import compare_runs_url, ensure_experi
 
 COMPARE_TAG = "lightning_mim.compare_url"  # on the parent run: MLflow's compare view of the finished children
 PARENT_ATTR = "mlflow_parent_run_id"  # the study's user attribute holding the parent run id
+REPEAT_TAG = "lightning_mim.repeat"  # on the run of one seed of a `sweep.repeats` trial: that seed
 
 
 class SweepRuns:
@@ -83,14 +84,16 @@ class SweepRuns:
                 client.set_tag(run.info.run_id, "error", f"{DRIVER_DIED}: the trial is redone by the next run of the sweep")
                 client.set_terminated(run.info.run_id, status="KILLED")
 
-    def log_objective(self, number: int, objective: str, value: float) -> None:
+    def log_objective(self, number: int, objective: str, value: float, repeat: str | None = None) -> None:
         """The objective again as `objective/<name>` on trial `number`'s newest run (a redone trial's,
-        not the dead one's): one name to pick in MLflow's runs table whatever the sweep optimises, and
-        the metric MLflow's compare view starts on (`tracking.reserve_first_metric`)."""
+        not the dead one's; with `repeat`, its run of that seed): one name to pick in MLflow's runs table
+        whatever the sweep optimises, and the metric MLflow's compare view starts on
+        (`tracking.reserve_first_metric`)."""
         if not self.tracking_uri:
             return
         client = self._client()
-        for run in self.trial_runs(client, number)[:1]:
+        condition = "" if repeat is None else f"and tags.`{REPEAT_TAG}` = '{repeat}'"
+        for run in self.trial_runs(client, number, condition)[:1]:
             client.log_metric(run.info.run_id, objective_metric(objective), float(value))
 
     def record_failed_run(self, number: int, run_name: str, parent_run_id: str | None, tags: dict[str, str],
@@ -137,6 +140,21 @@ class SweepRuns:
         if children:
             client.set_tag(parent, COMPARE_TAG, compare_runs_url(children, [self.experiment_id]))
         client.set_terminated(parent, status="FINISHED")
+
+    def log_confirmation(self, parent: str, record: dict[str, Any]) -> None:
+        """A `sweep.repeats` search's chosen configuration on fresh seeds (`sweep.Confirmation.record`):
+        `confirmation.json` and, when an estimate exists, `confirmed/<objective>` with its interval."""
+        if not self.tracking_uri:
+            return
+        client = self._client()
+        client.log_dict(parent, record, "confirmation.json")
+        client.set_tag(parent, "confirmation_study", record["study"])
+        estimate = record["estimate"]
+        if estimate is not None:
+            name = f"confirmed/{record['objective']}"
+            for suffix, value in (("", estimate["mean"]), ("_ci_low", estimate["low"]), ("_ci_high", estimate["high"])):
+                if value is not None:
+                    client.log_metric(parent, name + suffix, float(value))
 
     def finished_child_runs(self, client=None) -> list[str]:
         """Ids of this sweep's FINISHED child runs (one per completed trial; trained or evaluated), in
