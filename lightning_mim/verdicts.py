@@ -81,6 +81,10 @@ class Comparison:
       observed |difference| (`effect_is_observed`) — at that level and power.
     None throughout means "not testable" or "not computable" (no margin; zero spread or a zero effect
     for seeds_needed; < 3 pairs for the correlation).
+    look, nominal_level: set only when a sequential design (`lightning_mim.sequential`, `sweep.seeds=auto`)
+      read the pair: the look (0-based round) whose test the verdict is from — the one that decided it,
+      or the last one for an open pair —, and the nominal level its p-value (`p_value`, of that look;
+      the equivalence p for EQUIVALENT) had to fall below there; p_adjusted is then None.
     """
 
     a: str
@@ -100,6 +104,8 @@ class Comparison:
     detectable: float | None
     seeds_needed: int | None
     effect_is_observed: bool
+    look: int | None = None
+    nominal_level: float | None = None
 
 
 def compare_all(

@@ -188,3 +188,31 @@ def test_points_are_compared_by_seed_by_design_and_welch_only_without_common_see
                if t.params["decode.steps"] == "4" else t for t in trials]
     t4_welch = next(p for p in summarize(shifted, "val/fid_domain", "minimize").points if p.params["decode.steps"] == "4")
     assert t4_welch.test == "welch" and t4_welch.vs_best.p_value == pytest.approx(welch_p_value(COSINE_T4, COSINE_T12))
+
+
+def test_an_adaptive_sweeps_verdicts_are_its_rounds_decisions():
+    """With `rounds` (sweep.seeds=auto), the table's verdicts are the sequential design's; intervals and
+    differences are over every seed in; the p cell is the deciding round's nominal p against its level."""
+    from lightning_mim.orchestration.summary import comparison_cells, comparison_columns, round_line
+    from lightning_mim.sequential import SequentialDesign, decide
+
+    design = SequentialDesign(first_round=3, round_size=2, max_seeds=5)
+    cosine, linear, sqrt = [2.9, 3.1, 3.0, 3.2, 2.8], [3.3, 3.5, 3.2, 3.6, 3.4], [6.0, 6.3, 6.1, 6.2, 6.4]
+    values = {"schedule=cosine": cosine, "schedule=linear": linear, "schedule=sqrt": sqrt}
+    first = decide(design, {label: {str(i): v for i, v in enumerate(xs[:3])} for label, xs in values.items()})
+    seeds = {label: 3 + 2 * (label in first.points_needing_seeds) for label in first.points}
+    last = decide(design, {label: {str(i): v for i, v in enumerate(values[label][:seeds[label]])} for label in first.points},
+                  first)
+    trials = outcomes({"cosine": cosine[:seeds["schedule=cosine"]], "linear": linear[:seeds["schedule=linear"]],
+                       "sqrt": sqrt[:seeds["schedule=sqrt"]]})
+    summary = summarize(trials, "val/fid_domain", "minimize", rounds=last)
+    decisions = {frozenset((p.a, p.b)): p for p in last.pairs}
+    for comparison in summary.comparisons:
+        decision = decisions[frozenset((comparison.a, comparison.b))]
+        assert comparison.verdict == decision.status and comparison.p_adjusted is None
+        cells = dict(zip(comparison_columns(summary), comparison_cells(comparison)))
+        assert cells["p (nominal, at its round)"].startswith(f"round {comparison.look + 1}: p=")
+    assert summary.sequential and "seeds in rounds (sweep.seeds=auto: looks at 3, 5 seeds" in summary.legend()
+    assert "p (Holm)" not in comparison_columns(summary)
+    assert round_line(last).startswith(f"round {last.look + 1} of at most 2 ")
+    assert summary.points[0].label() == "schedule=cosine"

@@ -474,3 +474,60 @@ def test_repeats_search_reports_seed_means_and_confirms_the_choice_on_fresh_seed
             by_seed[run.data.tags["lightning_mim.repeat"]]["val/fid_domain"], rel=1e-6)
     again = run_module("lightning_mim.sweep", args, home)
     assert again.stdout.count("0 to run") == 2 and chosen in again.stdout
+
+
+def _rounds(home: Path) -> list[dict]:
+    study, _ = _trials(home)
+    return study.user_attrs["rounds"]
+
+
+def test_seeds_auto_adds_seeds_in_rounds_and_a_kill_between_rounds_changes_nothing(tmp_path, tiny_stage2_overrides):
+    """`sweep.seeds=auto` on a tiny grid (2 seeds a point first, then 1 more, at most 3): the design
+    decides after each round which points get more seeds (stored in the study, shown on the console, in
+    the parent run and the report); killed right after a round's decision and run again, the sweep ends
+    with the uninterrupted run's decisions and values, and redoes no finished trial."""
+    from mlflow.tracking import MlflowClient
+
+    from lightning_mim.sequential import RoundState
+
+    overrides = [o for o in tiny_stage2_overrides if not o.startswith("decode.steps")]
+    args = ["decode.steps=2,8", "sweep.seeds=auto", "sweep.first_round=2", "sweep.round_size=1", "sweep.max_seeds=3",
+            *overrides]
+    reference = tmp_path / "uninterrupted"
+    proc = run_module("lightning_mim.sweep", args, reference)
+    # at 2 seeds the paired t-test has 1 degree of freedom and O'Brien-Fleming spends ~1.6 % of α by
+    # then: |t| would have to exceed ~40, so the first round leaves the pair open and a second follows
+    rounds = [RoundState.from_dict(r) for r in _rounds(reference)]
+    assert [r.seeds for r in rounds] == [2, 3] and not rounds[0].finished and rounds[1].finished
+    lines = proc.stdout.splitlines()
+    first = next(line for line in lines if line.startswith("round 1 of at most 2 (2 seeds a point): "))
+    assert first.endswith("next round: 3 seeds for decode.steps=2, decode.steps=8"), first
+    assert any(line.startswith("round 2 of at most 2 (3 seeds a point): ") for line in lines), proc.stdout
+    study, trials = _trials(reference)
+    seeds = Counter(t.params["decode.steps"] for t in trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert seeds == {"2": 3, "8": 3}
+    assert len(list((reference / "sweeps").glob("*/trial-*/train.log"))) == 3  # a model per seed, both T evaluate it
+    assert "seeds in rounds (sweep.seeds=auto" in proc.stdout and "p (nominal, at its round)" in proc.stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{reference}/mlflow.db")
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    logged = json.loads(Path(client.download_artifacts(parent, "rounds.json", str(tmp_path))).read_text())
+    assert logged["rounds"] == _rounds(reference)
+    report = next((reference / "sweeps").glob("*/report/summary.md")).read_text()
+    assert "## Rounds (sweep.seeds=auto)" in report and logged["lines"][0] in report
+
+    home = tmp_path / "killed"
+    tests_dir = str(Path(__file__).parent)
+    env = {**os.environ, "LIGHTNING_MIM_HOME": str(home), "LIGHTNING_MIM_PHASE_HOOK": "_sweep_kill:kill_sweep_at",
+           "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]),
+           "LIGHTNING_MIM_TEST_KILL_AT": json.dumps({"phase": "decided"})}
+    killed = subprocess.run([sys.executable, "-m", "lightning_mim.sweep", *args], env=env, capture_output=True, text=True,
+                            timeout=600, start_new_session=True)
+    assert killed.returncode == -signal.SIGKILL, (killed.stdout[-2000:], killed.stderr[-3000:])
+    assert len(_rounds(home)) == 1  # the first round was decided and stored before the kill
+    again = run_module("lightning_mim.sweep", args, home)
+    assert "incomplete" not in again.stdout
+    assert _rounds(home) == _rounds(reference)
+    _, resumed = _trials(home)
+    complete = {json.dumps(t.params, sort_keys=True): t.value for t in resumed if t.state == optuna.trial.TrialState.COMPLETE}
+    assert complete == {json.dumps(t.params, sort_keys=True): t.value for t in trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert len(resumed) == len(trials)  # no finished trial redone

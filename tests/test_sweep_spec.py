@@ -215,3 +215,48 @@ def test_repeats_are_refused_where_they_mean_nothing(args):
 def test_repeats_must_be_a_positive_integer():
     with pytest.raises(ConfigError, match="sweep.repeats must be >= 1, got 0"):
         parse(["model.optim.lr=interval(1e-4,1e-3)", "sweep.repeats=0"])
+
+
+def test_seeds_auto_fixes_its_design_before_the_first_trial():
+    spec = parse(["schedule=cosine,linear,sqrt", "sweep.seeds=auto", "sweep.equivalence=0.5"])
+    spec.resolve_seeds(3)
+    design = spec.design()
+    assert (design.first_round, design.round_size, design.max_seeds, design.looks) == (5, 5, 15, (5, 10, 15))
+    assert (design.alpha, design.equivalence, design.spending) == (0.05, 0.5, "obrien_fleming")
+    assert spec.seeds == 15 and len(spec.grid_points()) == 45  # the seed axis spans what a point may get
+    assert [p["schedule"] for p in spec.axis_points()] == ["cosine", "linear", "sqrt"]
+    # the rounds, α and margin decide which trials run: another design is another study; the same, the same
+    names = set()
+    for extra in ([], ["sweep.alpha=0.1"], ["sweep.equivalence=1"], ["sweep.max_seeds=20"], ["sweep.spending=pocock"]):
+        other = parse(["schedule=cosine,linear,sqrt", "sweep.seeds=auto", "sweep.equivalence=0.5", *extra])
+        other.resolve_seeds(3)
+        names.add(other.study_name())
+    assert len(names) == 5 and spec.study_name() in names
+    fixed = parse(["schedule=cosine,linear,sqrt", "sweep.seeds=15"])
+    fixed.resolve_seeds(3)
+    assert fixed.study_name() not in names and fixed.design() is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model.optim.lr=interval(1e-4,1e-3)", "sweep.n_trials=2", "sweep.seeds=auto"], "sweep.seeds=auto: needs a grid of 2 or more points"),
+    (["schedule=cosine", "sweep.seeds=auto"], "sweep.seeds=auto: needs a grid of 2 or more points"),
+    (["schedule=cosine,linear", "seed=3", "sweep.seeds=auto"], "no seed override"),
+    (["schedule=cosine,linear", "sweep.seeds=auto", "sweep.replicates=2"], "no sweep.replicates"),
+    (["schedule=cosine,linear", "sweep.first_round=4"], "sweep.first_round, sweep.round_size and sweep.max_seeds: only with sweep.seeds=auto"),
+    (["schedule=cosine,linear", "sweep.seeds=auto", "sweep.first_round=8", "sweep.max_seeds=6"], "sweep.seeds=auto: max_seeds must be"),
+    (["schedule=cosine,linear", "sweep.seeds=auto", "sweep.first_round=1"], "sweep.seeds=auto: first_round must be"),
+])
+def test_seeds_auto_refuses_what_it_cannot_run(args, message):
+    spec = parse(args)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        spec.resolve_seeds(3)
+
+
+def test_seeds_auto_options_are_checked_when_parsed():
+    with pytest.raises(ConfigError, match="unknown sweep.spending 'linear'; valid: obrien_fleming, pocock"):
+        parse(["schedule=cosine,linear", "sweep.seeds=auto", "sweep.spending=linear"])
+    with pytest.raises(ConfigError, match=re.escape("sweep.seeds='some': expected an integer or auto")):
+        parse(["sweep.seeds=some"])
+    with pytest.raises(ConfigError, match="sweep.round_size must be >= 1, got 0"):
+        parse(["schedule=cosine,linear", "sweep.seeds=auto", "sweep.round_size=0"])
+    assert parse(["sweep.seeds=auto", "sweep.seeds=3"]).adaptive is False  # the last word counts

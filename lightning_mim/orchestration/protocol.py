@@ -17,7 +17,8 @@ settings — and talks to it through two channels only:
   cache (two trials that differ only in their trial number share one trained model).
 - the phases of a trial, for whoever watches: the trial's process records its own in its progress
   file (`write_progress`: "set-up", "tokenizer", "training", "evaluation", "done"); the driver passes
-  the others (`DRIVER_PHASES`: "asked", "exited", "recorded", "logging"). Both call `phase_reached`,
+  the others (`DRIVER_PHASES`: "asked", "exited", "recorded", "logging"; "decided" after an adaptive
+  sweep stored a round's decision). Both call `phase_reached`,
   which runs the hook named by `PHASE_HOOK_ENV` (`module:function`, called as `function(phase,
   **info)`) when it is set: tests place kills with it at exact points of a trial, not by timers.
 - the trial's config, going in: composed and checked once by the driver and written to the trial's
@@ -56,7 +57,7 @@ PRUNING_KEYS = ("storage", "study", "trial_id", "monitor", "pruner")
 # asked: the trial holds its point, nothing is started yet; exited: the trial's process ended well, its
 # result file is written; recorded: the stage cache has recorded the trained model (trainings only);
 # logging: the objective is about to be logged to the trial's MLflow run, Optuna is not told yet.
-DRIVER_PHASES = ("asked", "exited", "recorded", "logging")
+DRIVER_PHASES = ("asked", "exited", "recorded", "logging", "decided")
 
 
 def objective_metric(objective: str) -> str:

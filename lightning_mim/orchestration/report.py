@@ -33,15 +33,18 @@ import optuna
 import yaml
 
 from lightning_mim.orchestration.sweep_spec import DEFAULT_INFERENCE_ONLY, SweepSpec
+from lightning_mim.sequential import RoundState
 from lightning_mim.orchestration.summary import (
-    COMPARISON_COLUMNS,
+    comparison_columns,
     SEED_KEY,
     PointSummary,
     ProtocolMismatch,
     SweepSummary,
     VerdictOptions,
     comparison_cells,
+    all_rounds,
     outcomes_from_optuna,
+    round_line,
     point_cells,
     point_columns,
     summarize,
@@ -88,7 +91,14 @@ class Study:
         return VerdictOptions(**(self.spec.get("verdicts") or {}))
 
     def summary(self) -> SweepSummary:
-        return summarize(outcomes_from_optuna(self.trials), self.objective, self.direction, options=self.verdict_options)
+        """The sweep's table and verdicts (an adaptive sweep's: its rounds' last decisions)."""
+        rounds = self.rounds()
+        return summarize(outcomes_from_optuna(self.trials), self.objective, self.direction, options=self.verdict_options,
+                         rounds=rounds[-1] if rounds else None)
+
+    def rounds(self) -> list[RoundState]:
+        """An adaptive sweep's decisions, round by round (empty when its seeds were fixed)."""
+        return all_rounds(optuna.load_study(study_name=self.name, storage=self.storage).user_attrs)
 
     def points(self) -> list[PointSummary]:
         return self.summary().points
@@ -297,9 +307,12 @@ def summary_markdown(study: Study, summary: SweepSummary) -> str:
     lines += table(columns, [point_cells(p, axes, metrics) for p in summary.points])
     if summary.comparisons:
         lines += ["", f"## Comparisons: {summary.legend()}", ""]
-        lines += table(COMPARISON_COLUMNS, [comparison_cells(c) for c in summary.comparisons])
+        lines += table(comparison_columns(summary), [comparison_cells(c) for c in summary.comparisons])
     if summary.noise_line():
         lines += ["", summary.noise_line()]
+    rounds = study.rounds()
+    if rounds:
+        lines += ["", "## Rounds (sweep.seeds=auto)", "", *(f"- {round_line(r)}" for r in rounds)]
     return "\n".join(lines) + "\n"
 
 

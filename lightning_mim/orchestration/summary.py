@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 from lightning_mim.orchestration.fingerprint import PROTOCOL_ATTR, protocol_difference
 from lightning_mim.settings import SECOND_DRAW_SUFFIX
+from lightning_mim.sequential import RoundState
 from lightning_mim.statistics import ALPHA, Estimate, NoiseShare, evaluation_noise, mean_interval
 from lightning_mim.verdicts import (
     BEST,
@@ -36,6 +37,7 @@ from lightning_mim.verdicts import (
 SEED_KEY = "seed"
 SEED_ATTR = "seed"  # the Optuna trial's user attribute with the seed it trained with
 REPEATS_ATTR = "repeats"  # a `sweep.repeats` trial's user attribute: {seed: that seed's metrics}
+ROUNDS_ATTR = "rounds"  # an adaptive sweep's study attribute: one `sequential.RoundState.to_dict()` per round
 REPORTED_METRICS = ("val/fid_domain", "val/cas", "val/is_domain", "val/loss")
 TABLE_ARTIFACT = "points.json"
 COMPARISONS_ARTIFACT = "comparisons.json"
@@ -101,7 +103,7 @@ class PointSummary:
     vs_best: Comparison | None = None
 
     def label(self) -> str:
-        return ",".join(f"{k}={v}" for k, v in sorted(self.params.items())) or "all"
+        return point_label(self.params)
 
     @property
     def p_vs_best(self) -> float | None:
@@ -123,9 +125,16 @@ class SweepSummary:
     points: list[PointSummary]
     comparisons: list[Comparison]
     noise: NoiseShare | None = None  # evaluation noise against the seeds' spread (`evaluation.second_draw`)
+    rounds: RoundState | None = None  # `sweep.seeds=auto`: the last round's decisions, which the verdicts are
+
+    @property
+    def sequential(self) -> bool:
+        return self.rounds is not None
 
     def legend(self) -> str:
         """How the verdicts were reached, for a table's title."""
+        if self.rounds is not None:
+            return sequential_legend(self.rounds)
         tests = sorted({c.test for c in self.comparisons if c.p_value is not None})
         named = {PAIRED: "paired t-test over the seeds both points have", WELCH: "Welch's t-test (no common seeds)"}
         tested = len([c for c in self.comparisons if c.p_value is not None])
@@ -180,9 +189,12 @@ def summarize(
     direction: str,
     metrics: Sequence[str] = REPORTED_METRICS,
     options: VerdictOptions = VerdictOptions(),
+    rounds: RoundState | None = None,
 ) -> SweepSummary:
     """Pool the COMPLETE trials by grid point (params without `seed`), best point first, and compare
-    every pair of points (`verdicts.compare_all`, blocked by seed).
+    every pair of points (`verdicts.compare_all`, blocked by seed). With `rounds` (an adaptive sweep's
+    last decisions) the verdicts are the sequential design's (`sequential_comparisons`), the intervals,
+    differences and correlations those of every seed in.
 
     Per point: an Estimate of the objective (the trial's recorded metric of that name, else its Optuna
     value) and of every metric in `metrics` that its trials report. The best point has the best mean
@@ -210,11 +222,13 @@ def summarize(
         pooled.append((dict(key), members, values, {n: mean_interval(v) for n, v in values.items()}, by_seed))
     sign = 1 if direction == "minimize" else -1
     pooled.sort(key=lambda p: (sign * p[3][objective].mean, str(sorted(p[0].items()))))
-    labels = [_label(params) for params, *_ in pooled]
+    labels = [point_label(params) for params, *_ in pooled]
     comparisons = compare_all(
         {label: by_seed for label, (*_, by_seed) in zip(labels, pooled)},
         alpha=options.alpha, blocked=True, equivalence=options.equivalence, effect=options.effect,
     ) if len(pooled) > 1 else []
+    if rounds is not None:
+        comparisons = sequential_comparisons(comparisons, rounds)
     means = {label: p[3][objective].mean for label, p in zip(labels, pooled)}
     verdicts = point_verdicts(comparisons, means, direction) if comparisons else {label: BEST for label in labels}
     points = []
@@ -234,7 +248,66 @@ def summarize(
     draws = [(float(o.metrics.get(objective, o.value)), float(o.metrics[objective + SECOND_DRAW_SUFFIX]))
              for members in groups.values() for o in members if objective + SECOND_DRAW_SUFFIX in o.metrics]
     noise = evaluation_noise(draws, [p[2][objective] for p in pooled])
-    return SweepSummary(objective, direction, options, points, comparisons, noise)
+    return SweepSummary(objective, direction, options, points, comparisons, noise, rounds)
+
+
+def latest_round(user_attrs: Mapping[str, Any]) -> RoundState | None:
+    """The last decisions of an adaptive sweep from its study's user attributes (None: seeds were fixed)."""
+    rounds = all_rounds(user_attrs)
+    return rounds[-1] if rounds else None
+
+
+def sequential_comparisons(comparisons: Sequence[Comparison], rounds: RoundState) -> list[Comparison]:
+    """`comparisons` (descriptive: `compare_all` over every seed in) with the verdicts of the sequential
+    design's last decisions `rounds`: the status of each pair, the nominal p-value and level of the look
+    that decided it (the last look for an open pair), no Holm-adjusted p (the design has none)."""
+    decisions = {frozenset((d.a, d.b)): d for d in rounds.pairs}
+    out = []
+    for c in comparisons:
+        d = decisions.get(frozenset((c.a, c.b)))
+        if d is None:
+            raise ValueError(f"the adaptive sweep's rounds have no decision for {c.a} vs {c.b}")
+        equivalent = d.status == EQUIVALENT
+        look = d.equivalent_at if equivalent else d.different_at if d.status == DIFFERENT else rounds.look
+        out.append(replace(c, verdict=d.status, p_adjusted=None, equivalence_p_adjusted=None, look=look,
+                           p_value=d.equivalence_p if equivalent else d.p_value,
+                           nominal_level=d.equivalence_nominal_level if equivalent else d.nominal_level))
+    return out
+
+
+def round_line(state: RoundState) -> str:
+    """An adaptive sweep's decision after a round, on one line: `round 2 of at most 3 (10 seeds a point):
+    different: a vs c | open: a vs b — next round: 15 seeds for a, b` (or why it ends)."""
+    by_status: dict[str, list[str]] = {}
+    for pair in state.pairs:
+        by_status.setdefault(pair.status, []).append(f"{pair.a} vs {pair.b}")
+    said = " | ".join(f"{status}: {'; '.join(pairs)}" for status, pairs in by_status.items())
+    looks = state.design.looks
+    if all(pair.decided for pair in state.pairs):
+        after = "done: every pair decided"
+    elif state.finished:
+        after = f"done: {state.seeds} seeds is the most a point may have (sweep.max_seeds); open stays open"
+    else:
+        after = f"next round: {looks[state.look + 1]} seeds for {', '.join(state.points_needing_seeds)}"
+    return f"round {state.look + 1} of at most {len(looks)} ({state.seeds} seeds a point): {said} — {after}"
+
+
+def all_rounds(user_attrs: Mapping[str, Any]) -> list[RoundState]:
+    """Every round's decisions of an adaptive sweep, oldest first, from its study's user attributes."""
+    return [RoundState.from_dict(record) for record in user_attrs.get(ROUNDS_ATTR) or []]
+
+
+def sequential_legend(rounds: RoundState) -> str:
+    """How an adaptive sweep's verdicts were reached, for a table's title."""
+    design = rounds.design
+    text = (f"seeds in rounds (sweep.seeds=auto: looks at {', '.join(map(str, design.looks))} seeds a point; this is "
+            f"round {rounds.look + 1}); every pair of points compared by a group-sequential paired t-test "
+            f"({design.spending.replace('_', '–').title()} α-spending), Holm over the {design.hypotheses(len(rounds.points))} "
+            f"hypotheses at family-wise α = {design.alpha} across all rounds; p is the nominal p of the deciding "
+            f"round's test, against the level it had to beat there")
+    if design.equivalence is not None:
+        text += f"; equivalent: within ±{design.equivalence:g} by two one-sided tests (in the same family)"
+    return text
 
 
 def check_one_protocol(outcomes: Sequence[TrialOutcome]) -> None:
@@ -250,7 +323,9 @@ def check_one_protocol(outcomes: Sequence[TrialOutcome]) -> None:
             )
 
 
-def _label(params: Mapping[str, str]) -> str:
+def point_label(params: Mapping[str, str]) -> str:
+    """A point's label in tables, comparisons and an adaptive sweep's rounds: `schedule=cosine,decode.steps=8`
+    (params in key order, the seed left out by the caller; `all` for no params)."""
     return ",".join(f"{k}={v}" for k, v in sorted(params.items())) or "all"
 
 
@@ -266,14 +341,30 @@ def format_estimate(estimate: Estimate | None, digits: int = 4) -> str:
 def format_comparison(point: PointSummary) -> str:
     """The point's verdict cell: `best`, `worse than best (p=0.003, paired)`, `not distinguished from
     best (p=0.41, paired)`, `equivalent to best (p=0.01, paired)` or `n/a (needs 2+ seeds)`; p is the
-    Holm-adjusted p-value of the comparison that decided (the equivalence test's for "equivalent")."""
+    Holm-adjusted p-value of the comparison that decided (the equivalence test's for "equivalent"). An
+    adaptive sweep's: `worse than best (round 2: p=0.0004 < 0.0021)` (`p_cell`)."""
     if point.is_best:
         return BEST
     comparison = point.vs_best
     if comparison is None or comparison.verdict == UNTESTABLE:
         return "n/a (needs 2+ seeds)"
+    if comparison.look is not None:
+        return f"{point.verdict} ({p_cell(comparison)})"
     p = comparison.equivalence_p_adjusted if comparison.verdict == EQUIVALENT else comparison.p_adjusted
     return f"{point.verdict} (p={p:.2g}, {comparison.test})"
+
+
+def p_cell(comparison: Comparison) -> str:
+    """The p-value as the tables show it: Holm-adjusted (`0.17`), or for a sequential design the nominal
+    p of the look that decided against the level it had to beat there (`round 2: p=0.0004 < 0.0021`;
+    open: `round 3: p=0.04, needed < 0.0081`)."""
+    if comparison.look is None:
+        return "" if comparison.p_adjusted is None else format(comparison.p_adjusted, ".2g")
+    if comparison.p_value is None or comparison.nominal_level is None:
+        return f"round {comparison.look + 1}: not tested"
+    decided = comparison.verdict in (DIFFERENT, EQUIVALENT)
+    return (f"round {comparison.look + 1}: p={comparison.p_value:.2g} "
+            + (f"< {comparison.nominal_level:.2g}" if decided else f"needed < {comparison.nominal_level:.2g}"))
 
 
 def point_columns(summary: SweepSummary, axes: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -294,6 +385,14 @@ COMPARISON_COLUMNS = ("a", "b", "test", "n", "a − b", "95 % CI of a − b", "s
                       "verdict", "detectable (80 % power)", "seeds needed")
 
 
+def comparison_columns(summary: SweepSummary) -> tuple[str, ...]:
+    """The comparisons table's columns: COMPARISON_COLUMNS, with the p column named for a sequential
+    design's p (`p_cell`) when the sweep added seeds in rounds."""
+    if not summary.sequential:
+        return COMPARISON_COLUMNS
+    return tuple("p (nominal, at its round)" if c == "p (Holm)" else c for c in COMPARISON_COLUMNS)
+
+
 def comparison_cells(comparison: Comparison) -> list[str]:
     """One row of the comparisons table: the pair, its test and size, the difference of means (paired:
     the mean per-seed difference), the correlation of the two points' per-seed values, the adjusted
@@ -308,7 +407,7 @@ def comparison_cells(comparison: Comparison) -> list[str]:
     if comparison.verdict == OPEN and comparison.seeds_needed is not None:
         needed = ("~" if comparison.effect_is_observed else "") + str(comparison.seeds_needed)
     return [comparison.a, comparison.b, comparison.test, n, f"{comparison.difference:+.4g}", interval,
-            number(comparison.correlation, ".2f"), number(comparison.p_adjusted, ".2g"), comparison.verdict,
+            number(comparison.correlation, ".2f"), p_cell(comparison), comparison.verdict,
             number(comparison.detectable) if comparison.verdict == OPEN else "", needed]
 
 

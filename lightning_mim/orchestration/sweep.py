@@ -49,9 +49,17 @@ from lightning_mim.orchestration.protocol import (
 )
 from lightning_mim.orchestration.schema import config_problems, format_problem
 from lightning_mim.orchestration.stages import cached
-from lightning_mim.orchestration.summary import REPEATS_ATTR, SEED_ATTR, SEED_KEY, format_estimate
+from lightning_mim.orchestration.summary import REPEATS_ATTR, SEED_ATTR, SEED_KEY, format_estimate, latest_round, round_line
 from lightning_mim.orchestration.sweep_console import TrialsBar, point_name, print_summary, write_sweep_report
-from lightning_mim.orchestration.sweep_spec import SweepSpec, named_sweeps, parse, write_spec
+from lightning_mim.orchestration.sweep_spec import (
+    AUTO_FIRST_ROUND,
+    AUTO_MAX_SEEDS,
+    AUTO_ROUND_SIZE,
+    SweepSpec,
+    named_sweeps,
+    parse,
+    write_spec,
+)
 from lightning_mim.orchestration.sweep_study import HEARTBEAT_SECONDS, INTERRUPTED, SweepStudy, incomplete_points
 from lightning_mim.orchestration.sweep_tracking import REPEAT_TAG, SweepRuns
 from lightning_mim.statistics import Estimate, mean_interval
@@ -59,6 +67,7 @@ from lightning_mim.statistics import Estimate, mean_interval
 __all__ = ["HEARTBEAT_SECONDS", "Sweep", "final_evaluation_only", "main", "point_name"]
 
 HELPER_FLAG = "--helper-worker"  # what `sweep.jobs=N` adds to the workers it starts
+ROUND_POLL_SECONDS = 5  # an adaptive sweep's worker waits this long between looks at the others' trials
 
 
 @dataclass(frozen=True)
@@ -196,19 +205,54 @@ class Sweep:
                             again.spec.grid_space().get(SEED_KEY, []), estimate, self.spec.objective)
 
     def run(self, finish: bool = True) -> list[optuna.trial.FrozenTrial]:
-        """Run trials until the study is done; with `finish`, then write the parent run's aggregates
-        (a `sweep.jobs` helper worker leaves that to the command that started it)."""
+        """Run trials until the study is done (an adaptive sweep: round after round, until its design
+        stops adding seeds); with `finish`, then write the parent run's aggregates (a `sweep.jobs` helper
+        worker leaves that to the command that started it)."""
         study = self.study.open()
         self.study.recover(study, self.runs.end_dead_runs)
-        todo = self.study.remaining(study)
-        total = len(self.spec.grid_points()) if self.spec.is_grid else self.spec.total_trials()
         parent = self.parent_run_id(study)
-        print(f"sweep {self.study_name}: {total} trials in all, {todo} to run (storage {self.storage_url})")
-        if todo > 0:
-            self._run_trials(study, total, parent)
+        todo = self.study.remaining(study)
+        if self.spec.adaptive:
+            looks = ", ".join(map(str, self.spec.design().looks))
+            print(f"sweep {self.study_name}: seeds in rounds (looks at {looks} seeds a point), "
+                  f"{self.total_trials(study)} trials asked for so far, {todo} to run (storage {self.storage_url})")
+        else:
+            print(f"sweep {self.study_name}: {self.total_trials(study)} trials in all, {todo} to run (storage {self.storage_url})")
+        while True:
+            if self.study.remaining(study) > 0:
+                self._run_trials(study, self.total_trials(study), parent)
+            if not (self.spec.adaptive and self._next_round(study)):
+                break
         if finish:
             self.finish(study)
         return study.get_trials(deepcopy=False)
+
+    def total_trials(self, study: optuna.Study) -> int:
+        """The trials of the whole sweep: every grid point, the search budget, or what an adaptive
+        sweep's rounds have asked for so far."""
+        if self.spec.adaptive:
+            return len(self.study.wanted_points(study))
+        return len(self.spec.grid_points()) if self.spec.is_grid else self.spec.total_trials()
+
+    def _next_round(self, study: optuna.Study) -> bool:
+        """An adaptive sweep whose queued trials are all taken: wait for the other workers' trials of
+        this round, then decide the round (`SweepStudy.decide_round`, one worker under a lock) and say
+        so. True when there are trials to run (the next round, or a retry), False when the design is done."""
+        while True:
+            if self.study.remaining(study) > 0:
+                return True
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if running:  # another worker's, or a dead driver's (recover fails those and queues their redo)
+                time.sleep(ROUND_POLL_SECONDS)
+                self.study.recover(study, self.runs.end_dead_runs)
+                continue
+            state = self.study.decide_round(study)
+            if state is None:
+                return False  # decided by now, here or by another worker, with nothing left to add
+            print(round_line(state), flush=True)
+            phase_reached("decided", look=state.look)
+            if state.finished:
+                return False
 
     def _run_trials(self, study: optuna.Study, total: int, parent: str | None) -> None:
         """Ask/tell loop: a trial is asked under the study's lock only while points remain, so concurrent
@@ -379,6 +423,10 @@ HELP = """usage: python -m lightning_mim.sweep [sweep=NAME] [AXIS=a,b,c ...] [KE
   sweep.seeds=3                    train every grid point with seeds 0..2 (default: the preset's sweep_seeds,
                                    3 for digits_*, 1 for imagenet256_*); the table shows mean ± 95 % CI and
                                    compares every pair of points, paired by seed, Holm-adjusted
+  sweep.seeds=auto                 seeds in rounds, only where a comparison is still open: a first round of
+                                   sweep.first_round={first} seeds a point, then sweep.round_size={size} more for the
+                                   points in an open pair, up to sweep.max_seeds={most}; a group-sequential test
+                                   (sweep.spending=obrien_fleming|pocock) keeps the error rate over the rounds
   sweep.alpha=0.05                 the family-wise error rate of the table's verdicts
   sweep.equivalence=DELTA          a margin in objective units, chosen before the sweep: a pair can also end
                                    "equivalent" (two one-sided tests); without it, only "different" or "open"
@@ -437,7 +485,8 @@ def start_local_workers(sweep: Sweep, argv: Sequence[str], jobs: int) -> list[su
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
-        print(HELP.format(names=", ".join(named_sweeps()) or "(none)"))
+        print(HELP.format(names=", ".join(named_sweeps()) or "(none)", first=AUTO_FIRST_ROUND, size=AUTO_ROUND_SIZE,
+                          most=AUTO_MAX_SEEDS))
         return 0
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     SweepStudy.quiet_heartbeat_warnings()
@@ -478,12 +527,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             worker.wait()
         print("\ninterrupted: the study is saved; rerun the same command to resume", file=sys.stderr)
         return 130
-    print_summary(spec, sweep.study_name, sweep.storage_url, trials, sweep.runs)
+    study = sweep.study.open()
+    print_summary(spec, sweep.study_name, sweep.storage_url, trials, sweep.runs, latest_round(study.user_attrs))
     if sweep.confirmation is not None:
         print(sweep.confirmation.line())
     write_sweep_report(sweep.home, sweep.study_name, sweep.runs.tracking_uri)
     print(f"wall time {time.time() - start:.0f} s")
-    missing = incomplete_points(spec, trials)
+    missing = incomplete_points(spec, trials, sweep.study.wanted_points(study) if spec.adaptive else None)
     if missing:  # the last line says so; 2 stays for bad input
         print(f"incomplete: {len(missing)} point(s) without a result: {'; '.join(missing)} "
               "(rerun the same command to retry them)")

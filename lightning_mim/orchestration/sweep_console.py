@@ -12,6 +12,7 @@ torch): a sweep driver or worker that only schedules trials starts in about half
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -19,11 +20,11 @@ from typing import Any, Sequence
 
 from lightning_mim.orchestration.protocol import PROGRESS_FILE, read_progress
 from lightning_mim.orchestration.summary import (
-    COMPARISON_COLUMNS,
     SEED_KEY,
     ProtocolMismatch,
     SweepSummary,
     comparison_cells,
+    comparison_columns,
     outcomes_from_optuna,
     point_cells,
     point_columns,
@@ -31,6 +32,7 @@ from lightning_mim.orchestration.summary import (
     summarize,
 )
 from lightning_mim.orchestration.sweep_spec import SweepSpec
+from lightning_mim.sequential import RoundState
 from lightning_mim.orchestration.tracking import compare_runs_url, runs_table_url, ui_command
 
 PROGRESS_STALE_S = 120  # a progress file untouched this long belongs to a trial that is gone
@@ -132,18 +134,19 @@ class TrialsBar:
         self.progress.update(self.task, completed=done)
 
 
-def print_summary(spec: SweepSpec, study_name: str, storage_url: str, trials: Sequence[Any], runs: Any) -> None:
+def print_summary(spec: SweepSpec, study_name: str, storage_url: str, trials: Sequence[Any], runs: Any,
+                  rounds: RoundState | None = None) -> None:
     """The per-point table (`orchestration.summary`: mean ± 95 % interval over seeds, each point's
     verdict against the best), the comparisons table (every pair, Holm-adjusted, with what an open one
     would need), the trials that did not complete, and how to open the runs in MLflow (`runs`: the
-    sweep's `SweepRuns`)."""
+    sweep's `SweepRuns`); `rounds`: an adaptive sweep's last decisions, which the verdicts then are."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 200)  # logs and CI: don't squash columns
     outcomes = outcomes_from_optuna(trials)
     try:
-        summary = summarize(outcomes, spec.objective, spec.direction, options=spec.verdict_options())
+        summary = summarize(outcomes, spec.objective, spec.direction, options=spec.verdict_options(), rounds=rounds)
     except ProtocolMismatch as err:
         print(f"no table: {err}")
         summary = SweepSummary(spec.objective, spec.direction, spec.verdict_options(), [], [])
@@ -162,7 +165,7 @@ def print_summary(spec: SweepSpec, study_name: str, storage_url: str, trials: Se
         comparisons = Table(title=f"comparisons: {summary.legend()}"
                             + ("" if len(pairs) == len(summary.comparisons) else
                                f" (the {len(pairs)} with the best point shown; all {len(summary.comparisons)} in the report)"))
-        for column in COMPARISON_COLUMNS:
+        for column in comparison_columns(summary):
             comparisons.add_column(column, justify="left" if column in ("a", "b", "verdict") else "right")
         for comparison in pairs:
             comparisons.add_row(*comparison_cells(comparison))
@@ -173,7 +176,10 @@ def print_summary(spec: SweepSpec, study_name: str, storage_url: str, trials: Se
         print("one seed per point: no interval and no test (run sweep.seeds=3 before reading small differences)")
     # plain prints: commands and URLs must stay on one line to be copy-pasted (rich wraps them)
     said = {"FAIL": "failed", "PRUNED": "pruned", "RUNNING": "still running"}
+    redone = {json.dumps(o.params, sort_keys=True) for o in outcomes if o.state == "COMPLETE"}
     for outcome in outcomes:
+        if outcome.state == "FAIL" and json.dumps(outcome.params, sort_keys=True) in redone:
+            continue  # a failed try of a point that a later trial completed
         if outcome.state in said:
             trial = next(t for t in trials if t.number == outcome.number)
             why = (trial.user_attrs.get("error") or "?").splitlines()[0] if outcome.state == "FAIL" else ""

@@ -25,11 +25,17 @@ from lightning_mim.orchestration.config import ConfigError, parse_overrides, swe
 from lightning_mim.orchestration.launchers import LAUNCHERS
 from lightning_mim.orchestration.pruning import PRUNERS
 from lightning_mim.orchestration.summary import VerdictOptions
+from lightning_mim.sequential import OBRIEN_FLEMING, SPENDINGS, SequentialDesign
 
 DIRECTIONS = ("minimize", "maximize")
 DEFAULT_INFERENCE_ONLY = ("decode.",)
 INTERMEDIATE_EVALS = ("auto", "true", "false")
 REPLICATE_KEY = "replicate"  # the grid axis of `sweep.replicates` (an A/A design)
+AUTO = "auto"  # `sweep.seeds=auto`: seeds in rounds where comparisons are open (`lightning_mim.sequential`)
+# The rounds of `sweep.seeds=auto` unless `sweep.first_round/round_size/max_seeds` say otherwise: a first
+# round of 5 seeds per point (at 3 the paired t-test has 2 degrees of freedom and decides almost nothing
+# at the family's level), then rounds of 5 up to 15 (looks at 5, 10, 15; README "Seeds where the doubt is")
+AUTO_FIRST_ROUND, AUTO_ROUND_SIZE, AUTO_MAX_SEEDS = 5, 5, 15
 MAX_POINTS_TO_CHECK = 1000  # combinations of a search space's values checked before a sweep starts
 
 
@@ -67,9 +73,29 @@ class SweepSpec:
     # N..2N-1 (`confirmation_spec`), since the mean that won the search is biased in its favour
     repeats: int = 1
     first_seed: int = 0  # the seed axis runs first_seed .. first_seed + seeds - 1 (a confirmation's fresh seeds)
+    # `sweep.seeds=auto` (adaptive): a group-sequential design decides after every round which points
+    # get more seeds (`design()`); the seed axis then spans the most a point may get, max_seeds
+    adaptive: bool = False
+    first_round: int | None = None
+    round_size: int | None = None
+    max_seeds: int | None = None
+    spending: str = OBRIEN_FLEMING
 
     def verdict_options(self) -> VerdictOptions:
         return VerdictOptions(self.alpha, self.equivalence, self.effect)
+
+    def design(self) -> SequentialDesign | None:
+        """The sequential design of `sweep.seeds=auto` (None for a fixed number of seeds): its rounds, the
+        table's α and equivalence margin, the spending function. Fixed before the first trial."""
+        if not self.adaptive:
+            return None
+        try:
+            return SequentialDesign(
+                first_round=self.first_round or AUTO_FIRST_ROUND, round_size=self.round_size or AUTO_ROUND_SIZE,
+                max_seeds=self.max_seeds or max(AUTO_MAX_SEEDS, self.first_round or 0), alpha=self.alpha,
+                equivalence=self.equivalence, spending=self.spending)
+        except ValueError as err:
+            raise ConfigError(f"sweep.seeds=auto: {err}") from None
 
     def effective_pruner(self) -> str:
         if self.pruner == "auto":
@@ -98,7 +124,14 @@ class SweepSpec:
         """Settle the number of seeds per point: `sweep.seeds=N` if given; else the experiment preset's
         `sweep_seeds` for a grid (3 on digits, 1 on ImageNet); 1 for search spaces (TPE optimises one
         noisy value per trial) and when the user sets `seed` themselves."""
-        if self.seeds is not None:
+        if self.adaptive:
+            if not self.is_grid or self.has_seed_override() or self.replicates > 1 or len(self.grid_points()) < 2:
+                raise ConfigError("sweep.seeds=auto: needs a grid of 2 or more points, no seed override and no "
+                                  "sweep.replicates (seeds are added where the comparisons between points are open)")
+            self.seeds = self.design().max_seeds  # the seed axis: every seed a point may get
+        elif any(v is not None for v in (self.first_round, self.round_size, self.max_seeds)):
+            raise ConfigError("sweep.first_round, sweep.round_size and sweep.max_seeds: only with sweep.seeds=auto")
+        elif self.seeds is not None:
             if self.seeds > 1 and self.has_seed_override():
                 raise ConfigError(f"sweep.seeds={self.seeds} and a seed override both set the seeds; keep one")
         else:
@@ -150,6 +183,11 @@ class SweepSpec:
             return None if seed is None else str(seed)
         return str(int(params[REPLICATE_KEY]) * (self.seeds or 1) + int(seed or 0))
 
+    def axis_points(self) -> list[dict[str, str]]:
+        """The grid's points without the seed axis (the points an adaptive sweep adds seeds to)."""
+        keys = sorted(self.grid)
+        return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
+
     def grid_points(self) -> list[dict[str, str]]:
         space = self.grid_space()
         keys = sorted(space)
@@ -197,6 +235,8 @@ class SweepSpec:
                 "objective": [self.objective, self.direction],
                 "n_trials": self.n_trials if self.search else None,
                 **({"repeats": self.repeats} if self.repeats > 1 else {}),  # names without repeats stay as they were
+                # the rounds, α and margin decide which trials run: part of an adaptive sweep's identity
+                **({"design": self.design().to_dict()} if self.adaptive else {}),
             },
             sort_keys=True,
         )
@@ -259,13 +299,21 @@ def _apply_option(spec: SweepSpec, key: str, value: Any) -> None:
         if value not in ("auto", *PRUNERS):
             raise ConfigError(f"unknown sweep.pruner '{value}'; valid: auto, {', '.join(PRUNERS)}")
         spec.pruner = str(value)
-    elif key in ("n_trials", "seeds", "retries", "jobs", "replicates", "repeats"):
+    elif key == "seeds" and str(value) == AUTO:
+        spec.adaptive, spec.seeds = True, None
+    elif key in ("n_trials", "seeds", "retries", "jobs", "replicates", "repeats", "first_round", "round_size", "max_seeds"):
         try:
             setattr(spec, key, int(value))
         except (TypeError, ValueError):
-            raise ConfigError(f"sweep.{key}={value!r}: expected an integer") from None
-        if key in ("jobs", "seeds", "replicates", "repeats") and getattr(spec, key) < 1:
+            raise ConfigError(f"sweep.{key}={value!r}: expected an integer" + (" or auto" if key == "seeds" else "")) from None
+        if key != "n_trials" and key != "retries" and getattr(spec, key) < 1:
             raise ConfigError(f"sweep.{key} must be >= 1, got {value}")
+        if key == "seeds":
+            spec.adaptive = False
+    elif key == "spending":
+        if value not in SPENDINGS:
+            raise ConfigError(f"unknown sweep.spending '{value}'; valid: {', '.join(SPENDINGS)}")
+        spec.spending = str(value)
     elif key == "intermediate_evals":
         value = str(value).lower()
         if value not in INTERMEDIATE_EVALS:
@@ -294,7 +342,8 @@ def _apply_option(spec: SweepSpec, key: str, value: Any) -> None:
         spec.inference_only = [str(v) for v in (value if isinstance(value, list) else str(value).split(","))]
     else:
         valid = ("objective, direction, n_trials, seeds, retries, jobs, pruner, intermediate_evals, inference_only, "
-                 "launcher, submitit.KEY, storage, name, alpha, equivalence, effect, replicates, repeats")
+                 "launcher, submitit.KEY, storage, name, alpha, equivalence, effect, replicates, repeats, first_round, "
+                 "round_size, max_seeds, spending")
         raise ConfigError(f"unknown sweep option '{key}'; valid: {valid}")
 
 
@@ -363,6 +412,7 @@ def write_spec(spec: SweepSpec, path: Path) -> None:
         "n_trials": spec.n_trials,
         "seeds": spec.seeds,
         **({"repeats": spec.repeats} if spec.repeats > 1 else {}),
+        **({"design": spec.design().to_dict()} if spec.adaptive else {}),
         "inference_only": spec.inference_only,
         "storage": spec.storage,  # None: sqlite:///<home>/optuna.db
         "verdicts": {"alpha": spec.alpha, "equivalence": spec.equivalence, "effect": spec.effect},

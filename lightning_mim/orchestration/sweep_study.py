@@ -32,7 +32,9 @@ from optuna.trial import TrialState
 from lightning_mim.locks import file_lock, pid_alive
 from lightning_mim.orchestration.pruning import build_pruner, rdb_storage
 from lightning_mim.orchestration.sweep_console import point_name
+from lightning_mim.orchestration.summary import ROUNDS_ATTR, SEED_KEY, all_rounds, point_label
 from lightning_mim.orchestration.sweep_spec import SweepSpec, search_space_for_tpe
+from lightning_mim.sequential import RoundState, decide
 
 HEARTBEAT_SECONDS = 30
 # Failures that do not count as a try of the grid point.
@@ -52,6 +54,11 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
 def point_key(params: dict[str, Any]) -> str:
     """A trial's point as one comparable string (params in key order)."""
     return json.dumps(params, sort_keys=True)
+
+
+def _trial_point(trial: optuna.trial.FrozenTrial) -> str:
+    """`point_key` of a trial's point, a queued trial's (its fixed params) included."""
+    return point_key(trial.params or trial.system_attrs.get("fixed_params", {}))
 
 
 def suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> Any:
@@ -130,13 +137,15 @@ def running_elsewhere(trial: optuna.trial.FrozenTrial) -> bool:
     return attrs.get("host") != socket.gethostname() or pid_alive(int(attrs.get("pid", -1)))
 
 
-def incomplete_points(spec: SweepSpec, trials: Sequence[optuna.trial.FrozenTrial]) -> list[str]:
+def incomplete_points(spec: SweepSpec, trials: Sequence[optuna.trial.FrozenTrial],
+                      points: Sequence[dict[str, Any]] | None = None) -> list[str]:
     """The points a finished run of the sweep leaves without a result, as people write them: grid points
-    with no COMPLETE or PRUNED trial (nor one another worker is running); for search spaces, failed
-    trials never redone well and the trials short of `sweep.n_trials`."""
+    (`points`, default every point of the grid; an adaptive sweep's are those its rounds asked for:
+    `SweepStudy.wanted_points`) with no COMPLETE or PRUNED trial (nor one another worker is running);
+    for search spaces, failed trials never redone well and the trials short of `sweep.n_trials`."""
     ended = {point_key(t.params) for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or running_elsewhere(t)}
     if spec.is_grid:
-        return [point_name(p) for p in spec.grid_points() if point_key(p) not in ended]
+        return [point_name(p) for p in (spec.grid_points() if points is None else points) if point_key(p) not in ended]
     failed = {point_key(t.params): point_name(t.params) for t in trials if t.state == TrialState.FAIL and t.params}
     missing = [name for key, name in failed.items() if key not in ended]
     finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or running_elsewhere(t) for t in trials)
@@ -197,11 +206,8 @@ class SweepStudy:
             optuna.storages.fail_stale_trials(study)
             trials = study.get_trials(deepcopy=False)
             end_dead_runs(sorted({t.number for t in running} & {t.number for t in trials if t.state == TrialState.FAIL}))
-            taken = {
-                point_key(t.params or t.system_attrs.get("fixed_params", {}))
-                for t in trials
-                if t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING, TrialState.PRUNED)
-            }
+            taken = {_trial_point(t) for t in trials
+                     if t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING, TrialState.PRUNED)}
             tries: dict[str, int] = {}
             for trial in trials:
                 if trial.state == TrialState.FAIL and trial.params:
@@ -218,10 +224,63 @@ class SweepStudy:
         self.storage.set_trial_user_attr(tid, "error", error)
         self.storage.set_trial_state_values(tid, TrialState.FAIL)
 
+    # -- sweep.seeds=auto: rounds ------------------------------------------------------------------
+    def rounds(self, study: optuna.Study) -> list[RoundState]:
+        """The decisions of an adaptive sweep's rounds so far, oldest first (the study's `ROUNDS_ATTR`)."""
+        return all_rounds(study.user_attrs)
+
+    def seed_targets(self, study: optuna.Study) -> dict[str, int]:
+        """Point label -> the seeds it is to have now: the first round's for every point, raised by
+        each decided round's `seeds_to_add`."""
+        design = self.spec.design()
+        targets = {point_label(p): design.first_round for p in self.spec.axis_points()}
+        for state in self.rounds(study):
+            targets.update(state.seeds_to_add)
+        return targets
+
+    def wanted_points(self, study: optuna.Study) -> list[dict[str, str]]:
+        """The grid points (seed included) the rounds so far ask for: a point's seeds 0..target-1."""
+        targets = self.seed_targets(study)
+        return [{**p, SEED_KEY: str(seed)} for p in self.spec.axis_points() for seed in range(targets[point_label(p)])]
+
+    def _enqueue_wanted(self, study: optuna.Study, trials: Sequence[optuna.trial.FrozenTrial]) -> None:
+        """Queue the wanted points no trial holds yet (call under the `ask` lock)."""
+        taken = {_trial_point(t) for t in trials}
+        for point in self.wanted_points(study):
+            if point_key(point) not in taken:
+                study.enqueue_trial(point)
+
+    def decide_round(self, study: optuna.Study) -> RoundState | None:
+        """Under the `round` lock: when every trial the current round asked for has ended (complete, or
+        failed for good) and the last decision left points open, the next look's decision
+        (`sequential.decide` on the complete trials' objective values), stored in the study before
+        anything else happens; None when there is nothing to decide now. Deciding is a pure function of
+        the stored trials and decisions: a driver killed anywhere here decides the same on its rerun."""
+        with self.lock("round"):
+            rounds = self.rounds(study)
+            if rounds and rounds[-1].finished:
+                return None
+            trials = study.get_trials(deepcopy=False)
+            wanted = {point_key(p) for p in self.wanted_points(study)}
+            pending = (TrialState.WAITING, TrialState.RUNNING)
+            if any(t.state in pending and _trial_point(t) in wanted for t in trials) or wanted - {_trial_point(t) for t in trials}:
+                return None
+            values: dict[str, dict[str, float]] = {point_label(p): {} for p in self.spec.axis_points()}
+            for trial in trials:
+                if trial.state == TrialState.COMPLETE and point_key(trial.params) in wanted:
+                    point = {k: str(v) for k, v in trial.params.items() if k != SEED_KEY}
+                    values[point_label(point)][str(trial.params[SEED_KEY])] = float(trial.value)
+            state = decide(self.spec.design(), values, rounds[-1] if rounds else None)
+            study.set_user_attr(ROUNDS_ATTR, [r.to_dict() for r in rounds] + [state.to_dict()])
+            return state
+
     def remaining(self, study: optuna.Study) -> int:
-        """Trials still to run: queued ones plus unvisited grid points, or the search budget left."""
+        """Trials still to run: queued ones plus unvisited grid points (an adaptive sweep's: those its
+        rounds asked for so far), or the search budget left."""
         trials = study.get_trials(deepcopy=False)
         waiting = sum(t.state == TrialState.WAITING for t in trials)
+        if self.spec.adaptive:
+            return waiting + len({point_key(p) for p in self.wanted_points(study)} - {_trial_point(t) for t in trials})
         if self.spec.is_grid:
             visited = {point_key(t.params) for t in trials if t.state != TrialState.WAITING}  # {}: a grid of one point
             points = {point_key(p) for p in self.spec.grid_points()}
@@ -230,15 +289,22 @@ class SweepStudy:
         return max(0, self.spec.total_trials() - finished)
 
     def has_work(self, study: optuna.Study) -> bool:
-        """Whether a run of this sweep would train or evaluate anything: points left, or trials of a
-        killed run (RUNNING, WAITING) that `recover` takes up. False for a finished sweep run again."""
+        """Whether a run of this sweep would train or evaluate anything: points left, trials of a killed
+        run (RUNNING, WAITING) that `recover` takes up, or an adaptive sweep's undecided round. False for
+        a finished sweep run again."""
         unfinished = (TrialState.RUNNING, TrialState.WAITING)
+        if self.spec.adaptive:  # a round's trials all ended but not yet decided: the next round is work too
+            rounds = self.rounds(study)
+            if not rounds or not rounds[-1].finished:
+                return True
         return self.remaining(study) > 0 or any(t.state in unfinished for t in study.get_trials(deepcopy=False))
 
     def ask(self, study: optuna.Study) -> tuple[optuna.Trial, dict[str, Any], int] | None:
         """The next trial with its params (stored at once, so other workers see its point as taken) and
         the trials left counting it; None when nothing is left."""
         with self.lock("ask"):
+            if self.spec.adaptive:  # only the points the rounds asked for: the sampler never picks one itself
+                self._enqueue_wanted(study, study.get_trials(deepcopy=False))
             remaining = self.remaining(study)
             if remaining == 0:
                 return None

@@ -20,12 +20,21 @@ import optuna
 from optuna.trial import TrialState
 
 from lightning_mim.orchestration.protocol import objective_metric
-from lightning_mim.orchestration.summary import ProtocolMismatch, log_to_parent, outcomes_from_optuna, summarize
+from lightning_mim.orchestration.summary import (
+    ProtocolMismatch,
+    all_rounds,
+    latest_round,
+    log_to_parent,
+    outcomes_from_optuna,
+    round_line,
+    summarize,
+)
 from lightning_mim.orchestration.sweep_spec import SweepSpec
 from lightning_mim.orchestration.sweep_study import DRIVER_DIED
 from lightning_mim.orchestration.tracking import compare_runs_url, ensure_experiment
 
 COMPARE_TAG = "lightning_mim.compare_url"  # on the parent run: MLflow's compare view of the finished children
+ROUNDS_ARTIFACT = "rounds.json"  # on an adaptive sweep's parent run: every round's decisions
 PARENT_ATTR = "mlflow_parent_run_id"  # the study's user attribute holding the parent run id
 REPEAT_TAG = "lightning_mim.repeat"  # on the run of one seed of a `sweep.repeats` trial: that seed
 
@@ -129,11 +138,16 @@ class SweepRuns:
                 client.set_tag(parent, f"best.{key}", str(value))
             try:
                 summary = summarize(outcomes_from_optuna(trials), spec.objective, spec.direction,
-                                    options=spec.verdict_options())
+                                    options=spec.verdict_options(), rounds=latest_round(study.user_attrs))
             except ProtocolMismatch as err:
                 client.set_tag(parent, "lightning_mim.no_table", str(err))
             else:
                 log_to_parent(client, parent, summary)
+                rounds = all_rounds(study.user_attrs)
+                if rounds:  # an adaptive sweep: what each round decided
+                    client.log_dict(parent, {"rounds": [r.to_dict() for r in rounds], "lines": [round_line(r) for r in rounds]},
+                                    ROUNDS_ARTIFACT)
+                    client.log_metric(parent, "rounds", len(rounds))
                 client.set_tag(parent, "best_point", summary.points[0].label())
             client.set_tag(parent, "seeds_per_point", str(spec.seeds))
         children = self.finished_child_runs(client)
