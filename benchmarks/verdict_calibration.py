@@ -73,6 +73,16 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def readings(scenario, args, margin_at_effect: bool = False) -> list[dict[str, float]]:
+    """`simulate` of one scenario (points, seeds, noise, ρ, effect) under each of READINGS, on the same
+    simulated sweeps; with `margin_at_effect`, an equivalence margin equal to the true effect."""
+    points, seeds, noise, correlation, effect = scenario
+    return [simulate(points, seeds, effect=effect, noise=noise, correlation=correlation, sims=args.sims,
+                     alpha=args.alpha, blocked=blocked, holm=holm, seed=args.seed,
+                     equivalence=effect if margin_at_effect else None)
+            for _, blocked, holm in READINGS]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sims", type=int, default=2000, help="simulated sweeps per cell (default 2000)")
@@ -86,11 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     rows = []
     for scenario in DIFFERENCE_SCENARIOS:
-        points, seeds, noise, correlation, effect = scenario
         cells = [scenario_label(*scenario)]
-        for _, blocked, holm in READINGS:
-            r = simulate(points, seeds, effect=effect, noise=noise, correlation=correlation, sims=args.sims,
-                         alpha=args.alpha, blocked=blocked, holm=holm, seed=args.seed)
+        for r in readings(scenario, args):
             power = "—" if math.isnan(r["power"]) else f"{r['power']:.3f} ({r['power_any']:.3f})"
             cells += [rate(r["fwer"]), power]
         rows.append(cells)
@@ -100,12 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
     equivalence_rows = []
     for scenario in EQUIVALENCE_SCENARIOS:
-        points, seeds, noise, correlation, effect = scenario
         cells = [scenario_label(*scenario)]
-        for _, blocked, holm in READINGS:
-            r = simulate(points, seeds, effect=effect, noise=noise, correlation=correlation, sims=args.sims,
-                         alpha=args.alpha, blocked=blocked, holm=holm, equivalence=effect, seed=args.seed)
-            cells.append(rate(r["false_equivalence"]))
+        cells += [rate(r["false_equivalence"]) for r in readings(scenario, args, margin_at_effect=True)]
         equivalence_rows.append(cells)
 
     print(f"{args.sims} simulated sweeps per cell, α = {args.alpha}, seed {args.seed}; Monte-Carlo standard error "
