@@ -196,11 +196,8 @@ class Sweep:
         chosen = study.best_trial
         print(f"the chosen configuration (trial {chosen.number}, {point_name(chosen.params)}) on fresh seeds:", flush=True)
         again = Sweep(self.spec.confirmation_spec(chosen.params), self.given_overrides)
-        trials = again.run()
-        estimate = None
-        values = [t.value for t in trials if t.state == TrialState.COMPLETE]
-        if values:
-            estimate = mean_interval(values)
+        values = [t.value for t in again.run() if t.state == TrialState.COMPLETE]
+        estimate = mean_interval(values) if values else None
         return Confirmation(again.study_name, chosen.number, dict(chosen.params), self.spec.repeat_seeds(), float(chosen.value),
                             again.spec.grid_space().get(SEED_KEY, []), estimate, self.spec.objective)
 

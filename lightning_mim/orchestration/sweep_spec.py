@@ -306,7 +306,7 @@ def _apply_option(spec: SweepSpec, key: str, value: Any) -> None:
             setattr(spec, key, int(value))
         except (TypeError, ValueError):
             raise ConfigError(f"sweep.{key}={value!r}: expected an integer" + (" or auto" if key == "seeds" else "")) from None
-        if key != "n_trials" and key != "retries" and getattr(spec, key) < 1:
+        if key not in ("n_trials", "retries") and getattr(spec, key) < 1:
             raise ConfigError(f"sweep.{key} must be >= 1, got {value}")
         if key == "seeds":
             spec.adaptive = False

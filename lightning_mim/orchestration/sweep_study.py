@@ -229,18 +229,18 @@ class SweepStudy:
         """The decisions of an adaptive sweep's rounds so far, oldest first (the study's `ROUNDS_ATTR`)."""
         return all_rounds(study.user_attrs)
 
-    def seed_targets(self, study: optuna.Study) -> dict[str, int]:
+    def seed_targets(self, study: optuna.Study, rounds: Sequence[RoundState] | None = None) -> dict[str, int]:
         """Point label -> the seeds it is to have now: the first round's for every point, raised by
-        each decided round's `seeds_to_add`."""
+        each decided round's `seeds_to_add` (`rounds`: the study's, when the caller has read them)."""
         design = self.spec.design()
         targets = {point_label(p): design.first_round for p in self.spec.axis_points()}
-        for state in self.rounds(study):
+        for state in self.rounds(study) if rounds is None else rounds:
             targets.update(state.seeds_to_add)
         return targets
 
-    def wanted_points(self, study: optuna.Study) -> list[dict[str, str]]:
+    def wanted_points(self, study: optuna.Study, rounds: Sequence[RoundState] | None = None) -> list[dict[str, str]]:
         """The grid points (seed included) the rounds so far ask for: a point's seeds 0..target-1."""
-        targets = self.seed_targets(study)
+        targets = self.seed_targets(study, rounds)
         return [{**p, SEED_KEY: str(seed)} for p in self.spec.axis_points() for seed in range(targets[point_label(p)])]
 
     def _enqueue_wanted(self, study: optuna.Study, trials: Sequence[optuna.trial.FrozenTrial]) -> None:
@@ -261,7 +261,7 @@ class SweepStudy:
             if rounds and rounds[-1].finished:
                 return None
             trials = study.get_trials(deepcopy=False)
-            wanted = {point_key(p) for p in self.wanted_points(study)}
+            wanted = {point_key(p) for p in self.wanted_points(study, rounds)}
             pending = (TrialState.WAITING, TrialState.RUNNING)
             if any(t.state in pending and _trial_point(t) in wanted for t in trials) or wanted - {_trial_point(t) for t in trials}:
                 return None
