@@ -1,5 +1,6 @@
 """The sweep driver's decisions that need no trial process: which points a finished run leaves without
-a result (its exit status), and Optuna's public API standing in for the private one."""
+a result (its exit status), when an adaptive sweep's round is decided, and Optuna's public API standing
+in for the private one."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from optuna.trial import TrialState, create_trial
 
 from lightning_mim.orchestration.sweep_spec import parse
 from lightning_mim.orchestration.sweep_study import Heartbeat, incomplete_points, suggest, trial_id
+from lightning_mim.verdicts import UNTESTABLE
 
 GRID = CategoricalDistribution(["cosine", "linear", "sqrt"])
 
@@ -71,3 +73,63 @@ def test_heartbeats_reach_the_storage_through_its_public_api(tmp_path):
         assert beat.interval == 1
         assert beats() == 1
     assert before == 0
+
+
+# -- sweep.seeds=auto: a round is decided once its trials have ended for good -------------------------
+AUTO = ["schedule=cosine,linear", "sweep.seeds=auto", "sweep.first_round=2", "sweep.round_size=1", "sweep.max_seeds=3"]
+# at 2 seeds a paired t-test has 1 degree of freedom: these values (differences 0.3, 0.0) leave the pair open
+VALUES = {("cosine", "0"): 1.0, ("cosine", "1"): 1.2, ("linear", "0"): 1.3, ("linear", "1"): 1.2}
+
+
+def _auto_sweep(home, monkeypatch, *extra):
+    from lightning_mim.orchestration.sweep import Sweep
+
+    monkeypatch.setenv("LIGHTNING_MIM_HOME", str(home))
+    sweep = Sweep(parse([*AUTO, *extra]))
+    return sweep, sweep.create_stores()
+
+
+def _end_queued(sweep, study, failing=None):
+    """End every trial the rounds have queued, as a worker would: told its value, or failed with an
+    error (an exception in the trial: a try) when its (schedule, seed) is `failing`."""
+    while (asked := sweep.study.ask(study)) is not None:
+        trial, params, _ = asked
+        point = (params["schedule"], params["seed"])
+        if point == failing:
+            sweep.study.fail(study, trial.number, "RuntimeError: boom")
+        else:
+            study.tell(trial, VALUES.get(point, 1.0))
+
+
+def test_a_failed_trial_is_retried_before_its_round_is_decided(tmp_path, monkeypatch):
+    sweep, study = _auto_sweep(tmp_path, monkeypatch)  # sweep.retries=1
+    _end_queued(sweep, study, failing=("linear", "1"))
+    assert sweep._next_round(study) is True  # the retry is queued, the round waits for it
+    assert sweep.study.rounds(study) == []
+    queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert [t.system_attrs["fixed_params"] for t in queued] == [{"schedule": "linear", "seed": "1"}]
+    _end_queued(sweep, study)
+    assert sweep._next_round(study) is True  # decided on every seed, the second round queued
+    (first,) = sweep.study.rounds(study)
+    assert first.seeds == 2 and not first.finished
+    assert sweep.study.remaining(study) == 2  # seed 2 of each point
+
+
+def test_a_round_is_decided_without_a_point_whose_retries_are_spent(tmp_path, monkeypatch):
+    sweep, study = _auto_sweep(tmp_path, monkeypatch, "sweep.retries=0")
+    _end_queued(sweep, study, failing=("linear", "1"))
+    assert sweep._next_round(study) is True
+    (first,) = sweep.study.rounds(study)
+    assert first.pairs[0].status == UNTESTABLE  # linear has 1 seed of the look's 2
+
+
+def test_a_worker_goes_on_with_the_round_another_worker_decided(tmp_path, monkeypatch):
+    sweep, study = _auto_sweep(tmp_path, monkeypatch)
+    _end_queued(sweep, study)
+    other = sweep.study.decide_round(study)  # another worker, sharing the study, decides first
+    assert other is not None and not other.finished
+    assert sweep.study.decide_round(study) is None  # decided: nothing to decide until its trials end
+    assert sweep._next_round(study) is True  # this worker runs the next round's trials too
+    _end_queued(sweep, study)
+    assert sweep._next_round(study) is False  # the last look decides every pair: the design is done
+    assert [r.seeds for r in sweep.study.rounds(study)] == [2, 3] and sweep.study.rounds(study)[-1].finished

@@ -135,6 +135,8 @@ def test_the_compare_link_opens_exactly_the_finished_children(grid_sweep):
     children = _child_runs(home, parent)
     line = next(x for x in proc.stdout.splitlines() if x.startswith("compare:"))
     url = line.split(maxsplit=1)[1]
+    assert url.startswith("http://127.0.0.1:5000/#/compare-runs?")  # the UI the printed command starts:
+    assert f"MLflow UI:  mlflow ui --backend-store-uri sqlite:///{home}/mlflow.db --host 127.0.0.1 --port 5000" in proc.stdout
     route, query = unquote(url).split("#/compare-runs?", 1)
     runs_part, experiments_part = query.split("&experiments=")
     assert sorted(json.loads(runs_part.removeprefix("runs="))) == sorted(r.info.run_id for r in children)
@@ -482,10 +484,11 @@ def _rounds(home: Path) -> list[dict]:
 
 
 def test_seeds_auto_adds_seeds_in_rounds_and_a_kill_between_rounds_changes_nothing(tmp_path, tiny_stage2_overrides):
-    """`sweep.seeds=auto` on a tiny grid (2 seeds a point first, then 1 more, at most 3): the design
-    decides after each round which points get more seeds (stored in the study, shown on the console, in
-    the parent run and the report); killed right after a round's decision and run again, the sweep ends
-    with the uninterrupted run's decisions and values, and redoes no finished trial."""
+    """`sweep.seeds=auto` on a tiny grid (2 seeds a point first, then 1 more, at most 3), run by two
+    workers (`sweep.jobs=2`): the design decides after each round which points get more seeds (stored in
+    the study, shown on the command's console whichever worker decided, in the parent run and the
+    report); one worker, killed right after a round's decision and run again, ends with the two workers'
+    decisions and values, and redoes no finished trial."""
     from mlflow.tracking import MlflowClient
 
     from lightning_mim.sequential import RoundState
@@ -494,7 +497,7 @@ def test_seeds_auto_adds_seeds_in_rounds_and_a_kill_between_rounds_changes_nothi
     args = ["decode.steps=2,8", "sweep.seeds=auto", "sweep.first_round=2", "sweep.round_size=1", "sweep.max_seeds=3",
             *overrides]
     reference = tmp_path / "uninterrupted"
-    proc = run_module("lightning_mim.sweep", args, reference)
+    proc = run_module("lightning_mim.sweep", [*args, "sweep.jobs=2"], reference)
     # at 2 seeds the paired t-test has 1 degree of freedom and O'Brien-Fleming spends ~1.6 % of α by
     # then: |t| would have to exceed ~40, so the first round leaves the pair open and a second follows
     rounds = [RoundState.from_dict(r) for r in _rounds(reference)]
@@ -505,7 +508,8 @@ def test_seeds_auto_adds_seeds_in_rounds_and_a_kill_between_rounds_changes_nothi
     assert any(line.startswith("round 2 of at most 2 (3 seeds a point): ") for line in lines), proc.stdout
     study, trials = _trials(reference)
     seeds = Counter(t.params["decode.steps"] for t in trials if t.state == optuna.trial.TrialState.COMPLETE)
-    assert seeds == {"2": 3, "8": 3}
+    assert seeds == {"2": 3, "8": 3} and len(trials) == 6
+    assert len({t.user_attrs["pid"] for t in trials}) == 2  # both workers ran trials
     assert len(list((reference / "sweeps").glob("*/trial-*/train.log"))) == 3  # a model per seed, both T evaluate it
     assert "seeds in rounds (sweep.seeds=auto" in proc.stdout and "p (nominal, at its round)" in proc.stdout
     client = MlflowClient(tracking_uri=f"sqlite:///{reference}/mlflow.db")

@@ -45,3 +45,33 @@ def test_the_reserved_objective_stays_first_and_ends_with_the_real_value(tmp_pat
     assert next(iter(dead)) == key and math.isnan(dead[key])  # a trial that never ended has no objective
     with pytest.raises(ValueError, match="needs a metric name"):
         reserve_first_metric(finished, "")
+
+
+# -- where a person opens the runs: each store kind gets links to its own UI, no password shown ----------
+SQLITE = "sqlite:////data/lmim/mlflow.db"
+POSTGRES = "postgresql+psycopg2://me:s3cret@db.lab:5432/mlflow"
+SERVER = "http://tracking.lab:8080/"
+
+
+@pytest.mark.parametrize("uri, command, base", [
+    (SQLITE, f"mlflow ui --backend-store-uri {SQLITE} --host 127.0.0.1 --port 5000", "http://127.0.0.1:5000"),
+    (POSTGRES, "mlflow ui --backend-store-uri postgresql+psycopg2://me:***@db.lab:5432/mlflow --host 127.0.0.1 --port 5000",
+     "http://127.0.0.1:5000"),
+    (SERVER, None, "http://tracking.lab:8080"),  # a server is its own UI: no command to start one
+    ("https://me:tok3n@tracking.lab", None, "https://me:***@tracking.lab"),
+])
+def test_links_point_at_the_ui_of_the_tracking_uri_in_use(uri, command, base):
+    from lightning_mim.orchestration.tracking import compare_runs_url, runs_table_url, ui_command
+
+    assert ui_command(uri) == command
+    assert runs_table_url(uri, "7") == f"{base}/#/experiments/7?workflowType=machine_learning"
+    assert compare_runs_url(uri, ["a1", "b2"], ["7"]) == f'{base}/#/compare-runs?runs=%5B%22a1%22%2C%20%22b2%22%5D&experiments=%5B%227%22%5D'
+
+
+def test_passwords_in_uris_are_redacted_wherever_they_stand_in_text():
+    from lightning_mim.orchestration.tracking import redacted
+
+    text = f"storage: {POSTGRES}\nfixed:\n- logger.tracking_uri=mysql://root:pa%40ss@h/db\n- sweep.storage={SQLITE}\n"
+    assert redacted(text) == ("storage: postgresql+psycopg2://me:***@db.lab:5432/mlflow\nfixed:\n"
+                              f"- logger.tracking_uri=mysql://root:***@h/db\n- sweep.storage={SQLITE}\n")
+    assert redacted("postgresql://me@db/optuna") == "postgresql://me@db/optuna"  # no password: unchanged

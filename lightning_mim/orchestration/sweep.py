@@ -62,6 +62,8 @@ from lightning_mim.orchestration.sweep_spec import (
 )
 from lightning_mim.orchestration.sweep_study import HEARTBEAT_SECONDS, INTERRUPTED, SweepStudy, incomplete_points
 from lightning_mim.orchestration.sweep_tracking import REPEAT_TAG, SweepRuns
+from lightning_mim.orchestration.tracking import redacted
+from lightning_mim.sequential import RoundState
 from lightning_mim.statistics import Estimate, mean_interval
 
 __all__ = ["HEARTBEAT_SECONDS", "Sweep", "final_evaluation_only", "main", "point_name"]
@@ -212,9 +214,10 @@ class Sweep:
         if self.spec.adaptive:
             looks = ", ".join(map(str, self.spec.design().looks))
             print(f"sweep {self.study_name}: seeds in rounds (looks at {looks} seeds a point), "
-                  f"{self.total_trials(study)} trials asked for so far, {todo} to run (storage {self.storage_url})")
+                  f"{self.total_trials(study)} trials asked for so far, {todo} to run (storage {redacted(self.storage_url)})")
+            self._show_rounds(study)  # a resumed sweep's rounds so far
         else:
-            print(f"sweep {self.study_name}: {self.total_trials(study)} trials in all, {todo} to run (storage {self.storage_url})")
+            print(f"sweep {self.study_name}: {self.total_trials(study)} trials in all, {todo} to run (storage {redacted(self.storage_url)})")
         while True:
             if self.study.remaining(study) > 0:
                 self._run_trials(study, self.total_trials(study), parent)
@@ -232,24 +235,35 @@ class Sweep:
         return len(self.spec.grid_points()) if self.spec.is_grid else self.spec.total_trials()
 
     def _next_round(self, study: optuna.Study) -> bool:
-        """An adaptive sweep whose queued trials are all taken: wait for the other workers' trials of
-        this round, then decide the round (`SweepStudy.decide_round`, one worker under a lock) and say
-        so. True when there are trials to run (the next round, or a retry), False when the design is done."""
+        """An adaptive sweep whose queued trials are all taken: retry the round's failed trials
+        (`sweep.retries`), wait for the other workers' trials of this round, then decide the round
+        (`SweepStudy.decide_round`, one worker under a lock) and show it, whichever worker decided.
+        True when there are trials to run (the next round, or a retry), False once the design is done."""
         while True:
+            self.study.recover(study, self.runs.end_dead_runs)  # queues the retries and a dead driver's redo
             if self.study.remaining(study) > 0:
+                self._show_rounds(study)
                 return True
-            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if running:  # another worker's, or a dead driver's (recover fails those and queues their redo)
+            if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # another worker's
                 time.sleep(ROUND_POLL_SECONDS)
-                self.study.recover(study, self.runs.end_dead_runs)
                 continue
-            state = self.study.decide_round(study)
-            if state is None:
-                return False  # decided by now, here or by another worker, with nothing left to add
-            print(round_line(state), flush=True)
-            phase_reached("decided", look=state.look)
-            if state.finished:
+            state = self.study.decide_round(study)  # None: decided by another worker, or a trial ended meanwhile
+            if state is not None:
+                phase_reached("decided", look=state.look)
+            rounds = self._show_rounds(study)
+            if rounds and rounds[-1].finished:
                 return False
+
+    def _show_rounds(self, study: optuna.Study) -> list[RoundState]:
+        """Print the rounds decided since this worker last looked (by it or another worker sharing the
+        study: every worker's console shows every round); the study's rounds."""
+        rounds = self.study.rounds(study)
+        for state in rounds[self._rounds_shown:]:
+            print(round_line(state), flush=True)
+        self._rounds_shown = len(rounds)
+        return rounds
+
+    _rounds_shown = 0
 
     def _run_trials(self, study: optuna.Study, total: int, parent: str | None) -> None:
         """Ask/tell loop: a trial is asked under the study's lock only while points remain, so concurrent
@@ -498,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report_config_error(err)
     if prepare_only:
         sweep.create_stores()
-        print(f"prepared study {sweep.study_name} in {sweep.storage_url}")
+        print(f"prepared study {sweep.study_name} in {redacted(sweep.storage_url)}")
         return 0
     start = time.time()
     workers: list[subprocess.Popen] = []

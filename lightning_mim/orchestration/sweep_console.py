@@ -33,7 +33,7 @@ from lightning_mim.orchestration.summary import (
 )
 from lightning_mim.orchestration.sweep_spec import SweepSpec
 from lightning_mim.sequential import RoundState
-from lightning_mim.orchestration.tracking import compare_runs_url, runs_table_url, ui_command
+from lightning_mim.orchestration.tracking import compare_runs_url, redacted, runs_table_url, ui_command
 
 PROGRESS_STALE_S = 120  # a progress file untouched this long belongs to a trial that is gone
 
@@ -185,12 +185,13 @@ def print_summary(spec: SweepSpec, study_name: str, storage_url: str, trials: Se
             why = (trial.user_attrs.get("error") or "?").splitlines()[0] if outcome.state == "FAIL" else ""
             print(f"trial {outcome.number} {said[outcome.state]} {outcome.params}" + (f": {why}" if why else ""))
     if runs.tracking_uri:
-        print(f"MLflow UI:  {ui_command(runs.tracking_uri)}")
-        print(f"runs table: {runs_table_url(runs.experiment_id)}")
+        if command := ui_command(runs.tracking_uri):
+            print(f"MLflow UI:  {command}")
+        print(f"runs table: {runs_table_url(runs.tracking_uri, runs.experiment_id)}")
         children = runs.finished_child_runs()
         if children:
-            print(f"compare:    {compare_runs_url(children, [runs.experiment_id])}")
-    print(f"study: {study_name} in {storage_url} (rerun the same command to resume)")
+            print(f"compare:    {compare_runs_url(runs.tracking_uri, children, [runs.experiment_id])}")
+    print(f"study: {study_name} in {redacted(storage_url)} (rerun the same command to resume)")
 
 
 def write_sweep_report(home: Path, study_name: str, tracking_uri: str | None) -> None:

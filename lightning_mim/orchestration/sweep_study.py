@@ -137,6 +137,21 @@ def running_elsewhere(trial: optuna.trial.FrozenTrial) -> bool:
     return attrs.get("host") != socket.gethostname() or pid_alive(int(attrs.get("pid", -1)))
 
 
+def retries_due(trials: Sequence[optuna.trial.FrozenTrial], retries: int) -> dict[str, int]:
+    """Point key -> tries so far, for each failed point to try again: no trial of it completed, is
+    pruned, queued or running, and it raised at most `retries` times (a killed driver, Ctrl-C or a
+    stale heartbeat is not a try)."""
+    taken = {_trial_point(t) for t in trials
+             if t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING, TrialState.PRUNED)}
+    tries: dict[str, int] = {}
+    for trial in trials:
+        if trial.state == TrialState.FAIL and trial.params:
+            key = point_key(trial.params)
+            counted = trial.user_attrs.get("error") not in (DRIVER_DIED, INTERRUPTED, STALE)
+            tries[key] = tries.get(key, 0) + int(counted)
+    return {key: count for key, count in tries.items() if key not in taken and count <= retries}
+
+
 def incomplete_points(spec: SweepSpec, trials: Sequence[optuna.trial.FrozenTrial],
                       points: Sequence[dict[str, Any]] | None = None) -> list[str]:
     """The points a finished run of the sweep leaves without a result, as people write them: grid points
@@ -206,17 +221,8 @@ class SweepStudy:
             optuna.storages.fail_stale_trials(study)
             trials = study.get_trials(deepcopy=False)
             end_dead_runs(sorted({t.number for t in running} & {t.number for t in trials if t.state == TrialState.FAIL}))
-            taken = {_trial_point(t) for t in trials
-                     if t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING, TrialState.PRUNED)}
-            tries: dict[str, int] = {}
-            for trial in trials:
-                if trial.state == TrialState.FAIL and trial.params:
-                    key = point_key(trial.params)
-                    counted = trial.user_attrs.get("error") not in (DRIVER_DIED, INTERRUPTED, STALE)
-                    tries[key] = tries.get(key, 0) + int(counted)
-            for key, count in tries.items():
-                if key not in taken and count <= self.spec.retries:
-                    study.enqueue_trial(json.loads(key), user_attrs={"retry": count})
+            for key, count in retries_due(trials, self.spec.retries).items():
+                study.enqueue_trial(json.loads(key), user_attrs={"retry": count})
 
     def fail(self, study: optuna.Study, number: int, error: str) -> None:
         """Mark trial `number` FAIL with `error`, whoever holds it."""
@@ -252,10 +258,12 @@ class SweepStudy:
 
     def decide_round(self, study: optuna.Study) -> RoundState | None:
         """Under the `round` lock: when every trial the current round asked for has ended (complete, or
-        failed for good) and the last decision left points open, the next look's decision
-        (`sequential.decide` on the complete trials' objective values), stored in the study before
-        anything else happens; None when there is nothing to decide now. Deciding is a pure function of
-        the stored trials and decisions: a driver killed anywhere here decides the same on its rerun."""
+        failed for good: `sweep.retries` spent) and the last decision left points open, the next look's
+        decision (`sequential.decide` on the complete trials' objective values), stored in the study
+        before anything else happens; None when there is nothing to decide now (trials of the round
+        still queued, running or due a retry — `recover` queues those —, or the round decided already,
+        by this worker or another). Deciding is a pure function of the stored trials and decisions: a
+        driver killed anywhere here decides the same on its rerun."""
         with self.lock("round"):
             rounds = self.rounds(study)
             if rounds and rounds[-1].finished:
@@ -263,7 +271,8 @@ class SweepStudy:
             trials = study.get_trials(deepcopy=False)
             wanted = {point_key(p) for p in self.wanted_points(study, rounds)}
             pending = (TrialState.WAITING, TrialState.RUNNING)
-            if any(t.state in pending and _trial_point(t) in wanted for t in trials) or wanted - {_trial_point(t) for t in trials}:
+            if (any(t.state in pending and _trial_point(t) in wanted for t in trials)
+                    or wanted - {_trial_point(t) for t in trials} or wanted & set(retries_due(trials, self.spec.retries))):
                 return None
             values: dict[str, dict[str, float]] = {point_label(p): {} for p in self.spec.axis_points()}
             for trial in trials:

@@ -31,7 +31,7 @@ from lightning_mim.orchestration.summary import (
 )
 from lightning_mim.orchestration.sweep_spec import SweepSpec
 from lightning_mim.orchestration.sweep_study import DRIVER_DIED
-from lightning_mim.orchestration.tracking import compare_runs_url, ensure_experiment
+from lightning_mim.orchestration.tracking import compare_runs_url, ensure_experiment, redacted
 
 COMPARE_TAG = "lightning_mim.compare_url"  # on the parent run: MLflow's compare view of the finished children
 ROUNDS_ARTIFACT = "rounds.json"  # on an adaptive sweep's parent run: every round's decisions
@@ -69,9 +69,9 @@ class SweepRuns:
             run = client.create_run(
                 self.experiment_id,
                 run_name=f"sweep-{self.study_name}",
-                tags={"lightning_mim.role": "sweep", "lightning_mim.study": self.study_name, "optuna.storage": storage_url},
+                tags={"lightning_mim.role": "sweep", "lightning_mim.study": self.study_name, "optuna.storage": redacted(storage_url)},
             )
-            client.log_artifact(run.info.run_id, str(spec_file))
+            client.log_text(run.info.run_id, redacted(spec_file.read_text()), spec_file.name)  # no password logged
             study.set_user_attr(PARENT_ATTR, run.info.run_id)
             return run.info.run_id
 
@@ -152,7 +152,7 @@ class SweepRuns:
             client.set_tag(parent, "seeds_per_point", str(spec.seeds))
         children = self.finished_child_runs(client)
         if children:
-            client.set_tag(parent, COMPARE_TAG, compare_runs_url(children, [self.experiment_id]))
+            client.set_tag(parent, COMPARE_TAG, compare_runs_url(self.tracking_uri, children, [self.experiment_id]))
         client.set_terminated(parent, status="FINISHED")
 
     def log_confirmation(self, parent: str, record: dict[str, Any]) -> None:

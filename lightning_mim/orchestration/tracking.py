@@ -5,6 +5,8 @@
 - Concurrent processes creating one SQLite DB / experiment race: `ensure_experiment` is called once by
   the driver before trials start, and again (idempotently) by each run.
 - The 3.17 UI opens experiments in its GenAI view; `runs_table_url` gives the link to the runs table.
+- Links point at the UI of the tracking URI in use (`ui_base`): a tracking server's own address, or the
+  local `mlflow ui` that `ui_command` starts for a store; passwords are redacted (`redacted`).
 """
 
 from __future__ import annotations
@@ -170,19 +172,49 @@ def reserve_first_metric(logger, key: str) -> None:
         logger.experiment.log_metric(logger.run_id, key, float("nan"), step=0)
 
 
-def runs_table_url(experiment_id: str, host: str = "127.0.0.1", port: int = 5000) -> str:
-    """The URL that opens the classic runs table (not the GenAI view) in MLflow 3.17's UI."""
-    return f"http://{host}:{port}/#/experiments/{experiment_id}?workflowType=machine_learning"
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a database store by default
 
 
-def ui_command(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> str:
-    return f"mlflow ui --backend-store-uri {tracking_uri} --host {host} --port {port}"
+PASSWORD_IN_URI = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]+:)[^\s@/]+@")  # scheme://user:PASSWORD@
 
 
-def compare_runs_url(run_ids: list[str], experiment_ids: list[str], host: str = "127.0.0.1", port: int = 5000) -> str:
-    """MLflow's compare view of `run_ids` (parallel coordinates of their params and metrics). The route
-    is the UI's own `getCompareRunPageRoute`: `#/compare-runs?runs=<JSON list>&experiments=<JSON list>`."""
+def redacted(text: str) -> str:
+    """`text` (a URI, or text holding URIs: a config file, a command line) with the password of every
+    URI's user info shown as `***` (`postgresql://me:***@db/mlflow`), for what is printed or logged."""
+    return PASSWORD_IN_URI.sub(r"\1***@", text)
+
+
+def is_server(tracking_uri: str) -> bool:
+    """Whether `tracking_uri` is an MLflow tracking server (http or https), not a store opened directly."""
+    return tracking_uri.startswith(("http://", "https://"))
+
+
+def ui_base(tracking_uri: str) -> str:
+    """The address of the UI that shows the runs of `tracking_uri`: the server itself, or the local
+    `mlflow ui` that `ui_command` starts for a database or file store."""
+    return tracking_uri.rstrip("/") if is_server(tracking_uri) else LOCAL_UI
+
+
+def ui_command(tracking_uri: str) -> str | None:
+    """The command that serves a store's runs at `LOCAL_UI` (password redacted); None for a tracking
+    server, which is its own UI."""
+    if is_server(tracking_uri):
+        return None
+    host, port = LOCAL_UI.removeprefix("http://").split(":")
+    return f"mlflow ui --backend-store-uri {redacted(tracking_uri)} --host {host} --port {port}"
+
+
+def runs_table_url(tracking_uri: str, experiment_id: str) -> str:
+    """The URL that opens the classic runs table (not the GenAI view) of MLflow 3.17's UI, on the UI of
+    `tracking_uri` (`ui_base`)."""
+    return f"{redacted(ui_base(tracking_uri))}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def compare_runs_url(tracking_uri: str, run_ids: list[str], experiment_ids: list[str]) -> str:
+    """MLflow's compare view of `run_ids` (parallel coordinates of their params and metrics) on the UI of
+    `tracking_uri`. The route is the UI's own `getCompareRunPageRoute`:
+    `#/compare-runs?runs=<JSON list>&experiments=<JSON list>`."""
     from urllib.parse import quote
 
     runs, experiments = quote(json.dumps(list(run_ids))), quote(json.dumps(list(experiment_ids)))
-    return f"http://{host}:{port}/#/compare-runs?runs={runs}&experiments={experiments}"
+    return f"{redacted(ui_base(tracking_uri))}/#/compare-runs?runs={runs}&experiments={experiments}"
