@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from conditions import print_conditions
+
 
 def synthetic_images(n: int, size: int, seed: int = 0):
     """Smooth colour fields with a few rectangles: JPEG sizes close to natural photos (~15-30 KB)."""
@@ -58,6 +60,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="measuring time per cell")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
+    print_conditions()
 
     import torch
 

@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from conditions import print_conditions
+
 from lightning_mim.checkpoints.mage import mage_config
 from lightning_mim.losses import masked_token_loss
 from lightning_mim.nn.mage import MAGE
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    print_conditions()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

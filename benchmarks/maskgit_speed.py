@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from conditions import print_conditions
+
 from lightning_mim.decoding import decode
 from lightning_mim.losses import masked_token_loss
 from lightning_mim.masking import ScheduleRatio, mask_tokens
@@ -92,6 +94,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    print_conditions()
     torch.manual_seed(0)
     layout = TokenLayout(1024, 1000)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, depth {args.depth}, N={args.tokens}, "

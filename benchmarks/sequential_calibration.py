@@ -50,6 +50,8 @@ from itertools import combinations
 
 import numpy as np
 
+from conditions import print_conditions
+
 from lightning_mim.sequential import OBRIEN_FLEMING, POCOCK, SequentialDesign, decide, simulate_sequential
 from lightning_mim.verdicts import _noise, simulate
 from verdict_calibration import markdown, rate  # this script's folder is on sys.path when run as a script
@@ -183,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=0.05, help="family-wise level (default 0.05)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0): every row sees the same sweeps")
     args = parser.parse_args(argv)
+    print_conditions()
     if args.sims < 1 or args.adastop_sims < 0:
         parser.error(f"--sims must be >= 1 and --adastop-sims >= 0, got {args.sims} and {args.adastop_sims}")
 

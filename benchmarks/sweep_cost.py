@@ -36,6 +36,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
+from conditions import print_conditions
+
 from lightning_mim.orchestration.config import compose
 from lightning_mim.orchestration.stages import ensure_tokenizer
 from lightning_mim.orchestration.sweep import final_evaluation_only
@@ -156,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run the trial as it was before the cost work (tokenizer on every batch, "
                              "intermediate evaluations), after a 1-step warm-up that fills the home's caches")
     args = parser.parse_args(argv)
+    print_conditions()
     base = [f"paths.home={Path(args.home).resolve()}", "run_name=sweep-cost", *args.overrides]
 
     import torch

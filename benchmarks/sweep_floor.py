@@ -8,6 +8,7 @@ else (no data, no LayerNorm/GELU/dropout, no process start-up, no evaluation met
 
     python benchmarks/sweep_floor.py                           # the default sweep: 3 schedules x sweep_seeds
     python benchmarks/sweep_floor.py --points 3 trainer.max_steps=450 transformer.depth=2
+    python benchmarks/sweep_floor.py experiment=digits_mage --points 4   # sweep=ratios: 4 distributions
 
 What it prints, and how each number is obtained:
 - FLOPs per step: `torch.utils.flop_counter.FlopCounterMode` around one real training step of the
@@ -16,9 +17,9 @@ What it prints, and how each number is obtained:
   the counter counts matmuls, batched matmuls and attention, i.e. everything the floor can charge;
 - tokenizer stage: the same count for one step of the configured VQGAN (encode, quantize, decode, L2
   loss, backward) times `digits_tokenizer`'s steps;
-- final evaluation: one decoding pass of the transformer over `evaluation.num_samples` sequences, times
+- final evaluation: one decoding pass of the model over `evaluation.num_samples` sequences, times
   `decode.steps` (the tokenizer's decoding of the samples and the classifier's features are left out:
-  the floor only gets lower);
+  the floor only gets lower); MAGE presets add the linear probe's feature pass over the digits;
 - the peak: a 2048 x 2048 float32 matmul on one thread (x cores, the sweep's `sweep_jobs` one-thread
   trials) and on all threads; the larger rate is the machine's peak;
 - the step as measured: the same training step timed on one thread, as a sweep trial runs it, to show
@@ -42,6 +43,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
+from conditions import matmul_rate, print_conditions
+
 from lightning_mim.nn.vqgan import VQGAN
 from lightning_mim.orchestration.config import compose
 
@@ -53,26 +56,58 @@ def counted(fn) -> int:
     return counter.get_total_flops()
 
 
-def maskgit_module(cfg):
-    """The configured stage-2 module, as `train` builds it (an untrained tokenizer: FLOPs do not depend
-    on its weights, and a sweep's training steps read memoised token grids, not images)."""
+def stage2_module(cfg):
+    """The configured stage-2 module (MaskGIT, MAGE, MAGE-C, fine-tuning), as `train` builds it (an
+    untrained tokenizer: FLOPs do not depend on its weights)."""
     cfg.tokenizer.ckpt = None
     return instantiate(cfg.model, _recursive_=False, _convert_="all")
 
 
-def training_step(module, batch: int):
-    """One step as the module trains: its own masking and masked-token loss, then AdamW."""
-    tokens = torch.randint(0, module.layout.codebook_size, (batch, module.n_tokens))
-    labels = torch.randint(0, max(1, module.num_classes), (batch,))
-    optimizer = torch.optim.AdamW(module.transformer.parameters(), lr=1e-3)
+def needs_images(module) -> bool:
+    """Whether the module trains on image batches: MAGE-C's augmented views and the continuous-input
+    ablation run the frozen tokenizer on every batch; the others read memoised token grids."""
+    return bool(getattr(module, "continuous_input", False) or module.hparams.get("contrastive", False))
+
+
+def training_step(module, cfg, batch: int):
+    """One step as the module trains: its own masking and loss (MAGE-C: reconstruction + contrastive
+    on two views), then its own optimizer (`configure_optimizers`: only the trainable parameters)."""
+    size = int(cfg.data.image_size)
+    if needs_images(module):
+        data = torch.rand(batch, 3, size, size)
+    else:
+        data = torch.randint(0, module.layout.codebook_size, (batch, module.n_tokens))
+    labels = torch.randint(0, max(1, getattr(module, "num_classes", 1)), (batch,))
+    optimizer = module.configure_optimizers()["optimizer"]
 
     def step() -> None:
-        loss, _ = module.masked_loss((tokens, labels))
+        if module.hparams.get("contrastive", False):
+            loss = module.contrastive_step(data)["loss"]
+        else:
+            loss, _ = module.masked_loss((data, labels))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
     return step
+
+
+def probe_flops(module, cfg) -> tuple[int, int]:
+    """(FLOPs, images) of the final linear probe's feature pass (`callbacks.linear_probe`: the encoder
+    over the training and validation digits); (0, 0) without a probe. The probe's own fit (lbfgs on
+    the features) is left out: the floor only gets lower."""
+    probe = (cfg.get("callbacks") or {}).get("linear_probe")
+    if not probe or not hasattr(module, "encode_features"):
+        return 0, 0
+    from lightning_mim.data.digits import DEFAULT_VAL_PER_CLASS, NUM_CLASSES, NUM_IMAGES
+
+    val = NUM_CLASSES * int(cfg.data.get("val_per_class", DEFAULT_VAL_PER_CLASS))
+    images = sum(min(n, int(limit)) if limit else n
+                 for n, limit in zip((NUM_IMAGES - val, val), (probe.get("max_train_samples"), probe.get("max_val_samples"))))
+    size, chunk = int(cfg.data.image_size), 256
+    with torch.no_grad():
+        per_chunk = counted(lambda: module.encode_features(torch.rand(chunk, 3, size, size)))
+    return per_chunk * images // chunk, images
 
 
 def tokenizer_step(cfg) -> int:
@@ -85,19 +120,6 @@ def tokenizer_step(cfg) -> int:
         (F.mse_loss(vqgan.decode(q.z_q), images) + q.loss).backward()
 
     return counted(step)
-
-
-def matmul_rate(threads: int, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of an n x n float32 matmul on `threads` intra-op threads (best of `repeats`)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b
-        best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    finally:
-        torch.set_num_threads(before)
-    return 2 * n**3 / best
 
 
 def _timed(fn) -> float:
@@ -120,14 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
 
     torch.manual_seed(0)
-    module = maskgit_module(cfg)
-    step = training_step(module, batch)
+    module = stage2_module(cfg)
+    step = training_step(module, cfg, batch)
     step_flops = counted(step)
     module.eval()
     samples, decode_steps = int(cfg.evaluation.num_samples), int(cfg.decode.steps)
     tokens = torch.randint(0, module.layout.codebook_size, (samples, module.n_tokens))
     with torch.no_grad():
-        pass_flops = counted(lambda: module.logits(tokens, module.class_tokens(None, samples)))
+        pass_flops = counted(lambda: module.logits_fn(None, samples)(tokens))
+    probe, probe_images = probe_flops(module, cfg)
     module.train()
     tokenizer_flops = tokenizer_step(tokenizer_cfg) * int(tokenizer_cfg.trainer.max_steps)
 
@@ -135,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         (f"tokenizer stage ({int(tokenizer_cfg.trainer.max_steps)} steps, once)", tokenizer_flops),
         (f"training: {trials} trials x {steps} steps x {step_flops / 1e9:.2f} GFLOP", trials * steps * step_flops),
         (f"final evaluations: {trials} x {decode_steps} passes x {samples} samples", trials * decode_steps * pass_flops),
+        *([(f"final linear probes: {trials} x encoder over {probe_images} images", trials * probe)] if probe else []),
     ]
     total = sum(f for _, f in rows)
 
@@ -150,9 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(before)
 
+    print_conditions(one_thread)
     print(f"sweep: {' '.join(args.overrides) or 'experiment=digits_maskgit (defaults)'}; {args.points} points x "
           f"{seeds} seeds = {trials} trials; torch {torch.__version__}, {cores} cores")
-    print(f"transformer: width {cfg.transformer.width}, depth {cfg.transformer.depth}, {module.n_tokens + 1} positions, "
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    print(f"model: {type(module).__name__}, {trainable / 1e6:.2f} M trainable parameters, {module.n_tokens} image tokens, "
           f"batch {batch}; FLOPs counted by torch.utils.flop_counter (matmuls, attention)")
     print(f"{'work':<62} {'TFLOP':>8} {'share':>6}")
     for label, flops in rows:

@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from conditions import print_conditions
+
 from lightning_mim.nn.vqgan import VQGAN, official_maskgit_f16_config
 
 TINY = dict(base_channels=16, channel_multipliers=[1, 2, 4], num_res_blocks=1, codebook_size=128, code_dim=16,
@@ -37,6 +39,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    print_conditions()
     torch.set_num_threads(args.threads)
     rows = [
         ("tiny (f=4, K=128)", VQGAN(**TINY), 32),

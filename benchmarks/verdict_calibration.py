@@ -40,6 +40,8 @@ import math
 import sys
 import time
 
+from conditions import print_conditions
+
 from lightning_mim.verdicts import simulate
 
 READINGS = (  # (name, blocked, holm)
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed (default 0); the four readings of a scenario see the same sweeps")
     args = parser.parse_args(argv)
+    print_conditions()
     if args.sims < 1:
         parser.error(f"--sims must be >= 1, got {args.sims}")
 

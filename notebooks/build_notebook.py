@@ -12,16 +12,17 @@ CELLS = [
     new_markdown_cell(
         "# A sweep's report\n\n"
         "Opens the latest sweep of the lightning-mim home (or the study named below) and draws what\n"
-        "`python -m lightning_mim.report` writes: the per-point table (mean ± 95 % interval over seeds,\n"
-        "Welch's test against the best point, paired by seed where both points evaluate the same models),\n"
-        "one figure per swept axis, the points' samples, Optuna's\n"
-        "plots for search spaces. Every number and figure comes from `lightning_mim.orchestration.report`\n"
-        "(the sweep writes the same files at its end); the MLflow cell reads the parent run's table back.\n\n"
-        "Headless: `jupyter nbconvert --execute --to notebook notebooks/ablations.ipynb` from the directory\n"
-        "holding `lmim/` (or with `LIGHTNING_MIM_HOME` set, as for every command)."
+        "`python -m lightning_mim.report` writes: the per-point table (mean ± 95 % interval over seeds, the\n"
+        "verdicts of every pair with the family-wise error controlled, paired by seed), one figure per swept\n"
+        "axis, the points' samples, Optuna's plots for search spaces. Every number and figure comes from\n"
+        "`lightning_mim.orchestration.report` (the sweep writes the same files at its end); the MLflow cell\n"
+        "reads the parent run's tables back through the tracking URI the sweep logged to.\n\n"
+        "The home: `LIGHTNING_MIM_HOME`, else the nearest `lmim/` in the kernel's directory or above it (the\n"
+        "clone's `lmim/` when the notebook runs from `notebooks/`). Headless, from the clone:\n"
+        "`jupyter execute --output=ablations-run notebooks/ablations.ipynb` writes `notebooks/ablations-run.ipynb`."
     ),
     new_code_cell(
-        "# parameters: the home (LIGHTNING_MIM_HOME, else ./lmim) and a study name ('' = the latest sweep)\n"
+        "# parameters: the home (None: LIGHTNING_MIM_HOME, else the nearest lmim/) and a study name ('' = the latest sweep)\n"
         "HOME = None\n"
         "STUDY = ''",
         metadata={"tags": ["parameters"]},
@@ -37,7 +38,7 @@ CELLS = [
         "print(f'study {study.name}: {len(study.trials)} trials, {len(points)} grid points, axes {study.axes or list(study.spec.get(\"search\") or {})}')\n"
         "display(Markdown(report.summary_markdown(study, summary)))  # points, verdicts, every pair"
     ),
-    new_markdown_cell("## The objective against each swept axis (error bars: 95 % interval over seeds)"),
+    new_markdown_cell("## The objective against each swept axis"),
     new_code_cell(
         "for axis in ([] if study.is_search else study.axes):\n"
         "    path = figures / f'axis-{axis}.png'\n"
@@ -69,8 +70,8 @@ CELLS = [
     new_code_cell(
         "import mlflow\n\n"
         "from lightning_mim.orchestration.summary import COMPARISONS_ARTIFACT, TABLE_ARTIFACT, estimates_from_row\n\n"
-        "mlflow.set_tracking_uri(f'sqlite:///{report.home_dir(HOME) / \"mlflow.db\"}')\n"
         "parent_id = study.parent_run_id\n"
+        "mlflow.set_tracking_uri(study.tracking_uri)  # the store the sweep logged to (load_table searches through it)\n"
         "client = mlflow.MlflowClient()\n"
         "parent = client.get_run(parent_id)\n"
         "table = client.load_table(parent.info.experiment_id, TABLE_ARTIFACT, run_ids=[parent_id])\n"

@@ -86,6 +86,10 @@ def tiny_stage2_overrides(tiny_tokenizer: Path) -> list[str]:
 # one of these is put in that fixture's group, so one worker builds it once and runs all of its readers.
 # (tryfirst: xdist reads the marks in its own collection hook, which would otherwise run before this one.)
 SHARED_FIXTURES = ("grid_sweep", "uninterrupted")
+# The modules of the slowest tests (whole sweeps and trainings in subprocesses, minutes each), run first:
+# longest first, the two workers end close together instead of one running a long test alone at the end.
+SLOW_FIRST = ("test_sweep_e2e.py", "test_digits_learning.py", "test_postgres_sweep.py", "test_submitit.py",
+              "test_exact_resume.py", "test_train_cli.py", "test_ddp.py")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -94,6 +98,8 @@ def pytest_collection_modifyitems(config, items):
         for name in SHARED_FIXTURES:
             if name in item.fixturenames:
                 item.add_marker(pytest.mark.xdist_group(name))
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: file order otherwise
 
 
 @pytest.fixture(autouse=True)

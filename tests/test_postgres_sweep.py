@@ -25,16 +25,18 @@ from pathlib import Path
 
 import optuna
 import pytest
-from _postgres import mlflow_server, postgres_server
+from _postgres import DB_USER, mlflow_server, postgres_server
 from _processes import child_env
 from conftest import run_module
 from optuna.trial import TrialState
 
+from lightning_mim.orchestration import report
 from lightning_mim.orchestration.sweep import HEARTBEAT_SECONDS, point_name
 
 pytestmark = pytest.mark.slow
 
 GRID = {"schedule": ["cosine", "linear", "sqrt"]}
+PASSWORD = "s3cret"  # in the study's URL: never printed nor logged
 NODE_SITECUSTOMIZE = """\
 import os, socket
 if os.environ.get("LMIM_TEST_NODE"):  # this process and its children run "on" that node
@@ -115,11 +117,13 @@ def _wait_for(what: str, found, deadline: float, every: float = 0.5):
 
 def test_two_node_sweep_on_postgres_and_mlflow_server_survives_a_killed_worker(tmp_path, shared_stores, tiny_stage2_overrides):
     storage, tracking_uri, artifacts = shared_stores
+    storage = storage.replace(f"//{DB_USER}@", f"//{DB_USER}:{PASSWORD}@")  # trust authentication ignores it
     args = [*(f"{axis}={','.join(values)}" for axis, values in GRID.items()), *tiny_stage2_overrides,
             f"sweep.storage={storage}", f"logger.tracking_uri={tracking_uri}", f"logger.artifact_location={artifacts}"]
     home_a, home_b = tmp_path / "node-a", tmp_path / "node-b"
     # once, before the workers: the study, the MLflow experiment and the sweep's parent run
-    run_module("lightning_mim.sweep", [*args, "--prepare-only"], tmp_path / "submit")
+    prepared = run_module("lightning_mim.sweep", [*args, "--prepare-only"], tmp_path / "submit")
+    assert f"in {storage.replace(PASSWORD, '***')}" in prepared.stdout
     study = _study(storage)
     parent = study.user_attrs["mlflow_parent_run_id"]
 
@@ -194,3 +198,17 @@ def test_two_node_sweep_on_postgres_and_mlflow_server_survives_a_killed_worker(t
     assert parent_run.info.status == "FINISHED" and parent_run.data.metrics["trials_complete"] == len(grid)
     # artifacts went to the local artifact root the server was given
     assert any(artifacts.rglob("config.yaml"))
+
+    # links: the tracking server is its own UI (no `mlflow ui` line); no password printed or logged
+    last = (home_b / "worker.log").read_text()
+    assert "MLflow UI:" not in last
+    assert f"runs table: {tracking_uri}/#/experiments/{parent_run.info.experiment_id}?workflowType=machine_learning" in last
+    assert f"compare:    {tracking_uri}/#/compare-runs?runs=" in last
+    assert parent_run.data.tags["lightning_mim.compare_url"].startswith(f"{tracking_uri}/#/compare-runs?runs=")
+    assert parent_run.data.tags["optuna.storage"] == storage.replace(PASSWORD, "***")
+    logged_spec = Path(client.download_artifacts(parent, "spec.yaml", str(tmp_path)))
+    printed = [prepared.stdout] + [(h / "worker.log").read_text() for h in (home_a, home_b)]
+    assert not any(PASSWORD in text for text in [*printed, logged_spec.read_text(), json.dumps(parent_run.data.tags)])
+    # the report and the notebook read the study's own tracking URI (the server), not a file in the home
+    study_read = report.find_study(tmp_path / "submit")
+    assert study_read.tracking_uri == tracking_uri and study_read.parent_run_id == parent

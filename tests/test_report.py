@@ -63,12 +63,16 @@ def test_one_series_per_value_of_the_other_axes(grid_study):
     by_steps = report.axis_series(study, points, "decode.steps", "val/fid_domain")
     assert list(by_steps) == ["schedule=cosine", "schedule=linear"]
     cosine = by_steps["schedule=cosine"]
-    assert [x for x, _, _ in cosine] == ["4", "8", "12"]  # the spec's order, not the string order
-    assert cosine[0][1] == pytest.approx((_fid("4", "cosine", "0") + _fid("4", "cosine", "1")) / 2)
-    assert cosine[0][2] is not None and cosine[0][2] > 0  # two seeds: an interval
+    assert [c.value for c in cosine] == ["4", "8", "12"]  # the spec's order, not the string order
+    assert cosine[0].by_seed == {"0": _fid("4", "cosine", "0"), "1": _fid("4", "cosine", "1")}  # every seed drawn
+    assert cosine[0].estimate.mean == pytest.approx((_fid("4", "cosine", "0") + _fid("4", "cosine", "1")) / 2)
+    assert cosine[0].estimate.half_width is not None and cosine[0].estimate.half_width > 0  # two seeds: an interval
+    assert {c.verdict for c in cosine} <= {p.verdict for p in points}
     by_schedule = report.axis_series(study, points, "schedule", "val/fid_domain")
     assert list(by_schedule) == ["decode.steps=4", "decode.steps=8", "decode.steps=12"]
-    assert [x for x, _, _ in by_schedule["decode.steps=4"]] == ["cosine", "linear"]
+    assert [c.value for c in by_schedule["decode.steps=4"]] == ["cosine", "linear"]
+    cas = report.axis_series(study, points, "decode.steps", "val/cas")["schedule=cosine"]
+    assert cas[0].by_seed == {"0": 0.54, "1": 0.54}  # another metric's seeds too
 
 
 def test_the_report_draws_one_figure_per_axis_with_its_legend(grid_study):
@@ -85,10 +89,17 @@ def test_the_report_draws_one_figure_per_axis_with_its_legend(grid_study):
     assert [t.get_text() for t in fid_panel.get_legend().get_texts()] == ["schedule=cosine", "schedule=linear"]
     assert fid_panel.get_xlabel() == "decode.steps" and "val/fid_domain" in fid_panel.get_ylabel()
     assert "val/cas" in cas_panel.get_ylabel()
+    seed_lines = [line for line in fid_panel.get_lines() if line.get_alpha() == 0.35]
+    assert len(seed_lines) == 2 * 2 and all(len(line.get_xdata()) == 3 for line in seed_lines)  # a seed across T
+    assert fid_panel.get_ylim()[0] > 0  # not forced to start at zero
+    verdicts = {t.get_text() for t in fid_panel.texts}
+    assert verdicts == {p.verdict for p in points}  # every point's verdict written beside it
     schedule_figure = report.draw_axis_figure(study, points, "schedule", directory / "check2.png")
     legend = [t.get_text() for t in schedule_figure.axes[0].get_legend().get_texts()]
     assert legend == ["decode.steps=4", "decode.steps=8", "decode.steps=12"]
-    assert [t.get_text() for t in schedule_figure.axes[0].get_xticklabels()] == ["cosine", "linear"]  # bars
+    assert [t.get_text() for t in schedule_figure.axes[0].get_xticklabels()] == ["cosine", "linear"]
+    title = schedule_figure.texts[0]  # the suptitle, wrapped to the figure's width
+    assert max(len(line) for line in title.get_text().splitlines()) <= 16 * schedule_figure.get_figwidth()
     table = (directory / "report" / "summary.md").read_text()
     points, comparisons = table.split("## Comparisons")
     assert points.count("\n| ") == 1 + 6 and "| 12 | cosine | 2 |" in points and "best" in points
@@ -126,3 +137,18 @@ def test_the_report_and_the_notebook_refuse_to_pool_two_evaluation_protocols(tmp
     files = report.write_report(loaded)
     assert [p.name for p in files] == ["summary.md"]
     assert line in files[0].read_text() and "|" not in files[0].read_text()
+
+
+def test_the_home_read_is_the_nearest_lmim_at_or_above_the_working_directory(tmp_path, monkeypatch):
+    from lightning_mim.orchestration.config import DEFAULT_HOME, compose
+
+    monkeypatch.delenv("LIGHTNING_MIM_HOME", raising=False)
+    (tmp_path / DEFAULT_HOME).mkdir()
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")  # where a notebook's kernel runs
+    assert report.home_dir() == tmp_path / DEFAULT_HOME
+    assert report.home_dir("elsewhere") == tmp_path / "notebooks" / "elsewhere"  # given: as given
+    monkeypatch.setenv("LIGHTNING_MIM_HOME", str(tmp_path / "h"))
+    assert report.home_dir() == tmp_path / "h"
+    monkeypatch.delenv("LIGHTNING_MIM_HOME")
+    assert compose([]).paths.home == DEFAULT_HOME  # the name the commands write to, unset

@@ -75,3 +75,13 @@ def test_passwords_in_uris_are_redacted_wherever_they_stand_in_text():
     assert redacted(text) == ("storage: postgresql+psycopg2://me:***@db.lab:5432/mlflow\nfixed:\n"
                               f"- logger.tracking_uri=mysql://root:***@h/db\n- sweep.storage={SQLITE}\n")
     assert redacted("postgresql://me@db/optuna") == "postgresql://me@db/optuna"  # no password: unchanged
+
+
+@pytest.mark.parametrize("typed", ["schedule=linear", "schedule.name=linear"])
+def test_a_named_group_is_one_param_however_it_was_typed(typed):
+    from lightning_mim.orchestration.config import compose
+    from lightning_mim.orchestration.tracking import run_params
+
+    params = run_params(compose([typed]))
+    assert params["schedule.name"] == "linear" and "choices.schedule" not in params
+    assert "choices.ratio" in params  # a group whose options carry no name of their own keeps its choice

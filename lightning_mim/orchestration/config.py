@@ -19,6 +19,7 @@ from typing import Any, Iterable, NoReturn, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 ROOT_CONFIG = "train"
+DEFAULT_HOME = "lmim"  # the home without $LIGHTNING_MIM_HOME (conf/train.yaml: paths.home), relative to where it runs
 # Top-level config keys that say where and how a run is recorded, not what it computes: not logged as
 # MLflow params (`choices.*`, which option of each group, is) ...
 BOOKKEEPING_KEYS = (

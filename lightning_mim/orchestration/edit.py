@@ -50,7 +50,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from lightning_mim.orchestration.config import ConfigError, checkpoint_file, parse_overrides, report_config_error, usage_status
+from lightning_mim.orchestration.config import DEFAULT_HOME, ConfigError, checkpoint_file, parse_overrides, report_config_error, usage_status
 from lightning_mim.orchestration.evaluate import base_config, load_module
 from lightning_mim.orchestration.noise import filter_known_noise
 from lightning_mim.orchestration.schema import format_problem
@@ -373,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         return report_config_error(err)
     filter_known_noise()
-    out = request.get("out") or Path(os.environ.get("LIGHTNING_MIM_HOME", "lmim")) / "edits" / request.task
+    out = request.get("out") or Path(os.environ.get("LIGHTNING_MIM_HOME", DEFAULT_HOME)) / "edits" / request.task
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     module = load_module(cfg, request.ckpt).to(device)

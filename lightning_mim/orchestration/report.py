@@ -5,8 +5,11 @@ is named) under `<home>/sweeps/<study>/report/`, and logged to the sweep's MLflo
 `report/`:
 
 - `axis-<key>.png`, one per swept axis of a grid: the objective (and CAS or FID beside it) against
-  that axis — a line for numeric axes (`decode.steps`), bars for categorical ones (`schedule`) — one
-  series per value of the other axes, error bars the 95 % interval over seeds when there are seeds;
+  that axis, one series per value of the other axes: every seed's value as a dot, the dots of one seed
+  joined across the axis (the blocked design: seed i of every point shares its initial weights, data
+  order and evaluation draws), the mean with its 95 % interval over seeds (a line and a band for
+  numeric axes such as `decode.steps`, a bar and whiskers for categorical ones such as `schedule`),
+  each point's verdict written beside it; the objective's axis is not forced to start at zero;
 - `samples.png`: the class grid each grid point's model drew at the end of its training, side by side;
 - for search-space sweeps, Optuna's own matplotlib plots: `history.png`, `slice.png`, `importances.png`;
 - `summary.md`: the sweep's tables (mean ± 95 % interval and a verdict per point; every pair of points
@@ -32,8 +35,11 @@ from typing import Any, Sequence
 import optuna
 import yaml
 
+from lightning_mim.orchestration.config import DEFAULT_HOME
 from lightning_mim.orchestration.sweep_spec import DEFAULT_INFERENCE_ONLY, SweepSpec
+from lightning_mim.orchestration.sweep_tracking import PARENT_ATTR, TRACKING_ATTR
 from lightning_mim.sequential import RoundState
+from lightning_mim.statistics import Estimate
 from lightning_mim.orchestration.summary import (
     comparison_columns,
     SEED_KEY,
@@ -106,7 +112,13 @@ class Study:
     @property
     def parent_run_id(self) -> str | None:
         """The sweep's MLflow parent run (None before the sweep created it)."""
-        return optuna.load_study(study_name=self.name, storage=self.storage).user_attrs.get("mlflow_parent_run_id")
+        return optuna.load_study(study_name=self.name, storage=self.storage).user_attrs.get(PARENT_ATTR)
+
+    @property
+    def tracking_uri(self) -> str | None:
+        """The MLflow tracking URI the sweep logged to, as the sweep recorded it with the study (a SQLite
+        file, a database, a tracking server); None without MLflow (`logger=csv`)."""
+        return optuna.load_study(study_name=self.name, storage=self.storage).user_attrs.get(TRACKING_ATTR)
 
     @property
     def storage(self) -> str:
@@ -117,7 +129,13 @@ class Study:
 
 
 def home_dir(home: str | os.PathLike | None = None) -> Path:
-    return Path(home or os.environ.get("LIGHTNING_MIM_HOME") or "lmim").expanduser().resolve()
+    """The home to read: `home`, else $LIGHTNING_MIM_HOME, else the nearest `lmim/` in the working
+    directory or above it (a notebook's kernel runs in `notebooks/`, beside the clone's `lmim/`), else
+    `./lmim`."""
+    if home or os.environ.get("LIGHTNING_MIM_HOME"):
+        return Path(home or os.environ["LIGHTNING_MIM_HOME"]).expanduser().resolve()
+    here = Path.cwd().resolve()
+    return next((d / DEFAULT_HOME for d in (here, *here.parents) if (d / DEFAULT_HOME).is_dir()), here / DEFAULT_HOME)
 
 
 def find_study(home: str | os.PathLike | None = None, name: str | None = None) -> Study:
@@ -148,17 +166,27 @@ def _numeric(values: Sequence[str]) -> bool:
     return True
 
 
-def axis_series(study: Study, points: Sequence[PointSummary], axis: str, metric: str) -> dict[str, list[tuple[str, float, float | None]]]:
-    """{series label: [(axis value, mean, CI half-width or None), ...]} of `metric` against `axis`,
-    one series per combination of the other axes' values (label "all" when there is none); series and
-    axis values in the spec's order."""
+@dataclass(frozen=True)
+class AxisCell:
+    """One point of an axis figure's series: the axis `value`, the metric's `estimate` (mean ± 95 %
+    interval over seeds), the metric per seed (`by_seed`) and the point's verdict on the objective."""
+
+    value: str
+    estimate: Estimate
+    by_seed: dict[str, float]
+    verdict: str
+
+
+def axis_series(study: Study, points: Sequence[PointSummary], axis: str, metric: str) -> dict[str, list[AxisCell]]:
+    """{series label: [AxisCell, ...]} of `metric` against `axis`, one series per combination of the
+    other axes' values (label "all" when there is none); series and axis values in the spec's order."""
     others = [a for a in study.axes if a != axis]
 
     def rank(key: str, value: str) -> int:
         values = study.axis_values(key)
         return values.index(value) if value in values else len(values)
 
-    series: dict[str, list[tuple[str, float, float | None]]] = {}
+    series: dict[str, list[AxisCell]] = {}
     ranks: dict[str, tuple[int, ...]] = {}
     for point in points:
         estimate = point.estimates.get(metric)
@@ -166,9 +194,10 @@ def axis_series(study: Study, points: Sequence[PointSummary], axis: str, metric:
             continue
         label = ", ".join(f"{k}={point.params[k]}" for k in others) or "all"
         ranks[label] = tuple(rank(k, point.params[k]) for k in others)
-        series.setdefault(label, []).append((point.params[axis], estimate.mean, estimate.half_width))
+        by_seed = point.seed_values.get(metric, {})
+        series.setdefault(label, []).append(AxisCell(point.params[axis], estimate, by_seed, point.verdict))
     for label in series:
-        series[label].sort(key=lambda item: rank(axis, item[0]))
+        series[label].sort(key=lambda cell: rank(axis, cell.value))
     return {label: series[label] for label in sorted(series, key=lambda label: (ranks[label], label))}
 
 
@@ -181,6 +210,8 @@ def _panel_metrics(study: Study, points: Sequence[PointSummary]) -> list[str]:
 
 def draw_axis_figure(study: Study, points: Sequence[PointSummary], axis: str, path: Path):
     """The figure of `axis` (see the module docstring), saved to `path`; returns the matplotlib figure."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,28 +220,41 @@ def draw_axis_figure(study: Study, points: Sequence[PointSummary], axis: str, pa
     metrics = _panel_metrics(study, points)
     values = study.axis_values(axis)
     numeric = _numeric(values)
-    fig, panels = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    fig, panels = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.6), squeeze=False, layout="constrained")
     seeds = max((len(p.seeds) for p in points), default=1)
     for ax, metric in zip(panels[0], metrics):
         series = axis_series(study, points, axis, metric)
-        width = 0.8 / max(1, len(series))
-        for index, (label, rows) in enumerate(series.items()):
-            xs = [float(v) if numeric else values.index(v) + (index - (len(series) - 1) / 2) * width for v, _, _ in rows]
-            means = [m for _, m, _ in rows]
-            errors = [h or 0.0 for _, _, h in rows]
+        shift = 0.0 if numeric else 0.8 / max(1, len(series))
+        for index, (label, cells) in enumerate(series.items()):
+            color = f"C{index % 10}"
+            xs = [float(c.value) if numeric else values.index(c.value) + (index - (len(series) - 1) / 2) * shift for c in cells]
+            for seed in sorted({s for c in cells for s in c.by_seed}, key=lambda s: (len(s), s)):  # one line per seed
+                line = [(x, c.by_seed[seed]) for x, c in zip(xs, cells) if seed in c.by_seed]
+                ax.plot(*zip(*line), color=color, alpha=0.35, linewidth=0.8, marker="o", markersize=3)
+            means = [c.estimate.mean for c in cells]
+            half = [c.estimate.half_width or 0.0 for c in cells]
             shown = label if label != "all" else f"mean ± 95 % CI ({seeds} seeds)" if seeds > 1 else "one seed"
             if numeric:
-                ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=shown)
+                ax.plot(xs, means, color=color, linewidth=2, marker="s", label=shown)
+                ax.fill_between(xs, [m - h for m, h in zip(means, half)], [m + h for m, h in zip(means, half)], color=color, alpha=0.15)
             else:
-                ax.bar(xs, means, width=width, yerr=errors, capsize=3, label=shown)
+                ax.errorbar(xs, means, yerr=half, fmt="_", markersize=16, color=color, capsize=4, linewidth=2, label=shown)
+            if metric == study.objective and len(points) > 1:  # the verdicts are the objective's
+                for x, cell in zip(xs, cells):
+                    ax.annotate(cell.verdict, (x, cell.estimate.mean), textcoords="offset points", xytext=(7, 3),
+                                fontsize=7, color=color)
         if not numeric:
             ax.set_xticks(range(len(values)), values)
+            ax.set_xlim(-0.6, len(values) - 0.4)
         ax.set_xlabel(axis)
         better = "↓" if (metric == study.objective and study.direction == "minimize") or "fid" in metric or "loss" in metric else "↑"
         ax.set_ylabel(f"{metric} {better}")
         ax.legend(fontsize=8, title=", ".join(a for a in study.axes if a != axis) or None)
-    fig.suptitle(f"{study.name}: {', '.join(metrics)} vs {axis}" + (f" (error bars: 95 % CI over {seeds} seeds)" if seeds > 1 else ""))
-    fig.tight_layout()
+    title = f"{study.name}: {', '.join(metrics)} vs {axis}"
+    if seeds > 1:
+        title += (f" — mean and 95 % interval over {seeds} seeds; faint lines join each seed's values (seed i of every "
+                  "point shares its initial weights, data order and evaluation draws)")
+    fig.suptitle(textwrap.fill(title, width=int(16 * fig.get_figwidth())), fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -359,7 +403,7 @@ def log_report(study: Study, tracking_uri: str, files: Sequence[Path]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lightning_mim.report", description=__doc__.splitlines()[0])
     parser.add_argument("study", nargs="?", help="the study name a sweep printed (default: the latest sweep)")
-    parser.add_argument("--home", help="the lightning-mim home (default: $LIGHTNING_MIM_HOME or ./lmim)")
+    parser.add_argument("--home", help="the lightning-mim home (default: $LIGHTNING_MIM_HOME, else the nearest lmim/ here or above)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the report to the parent run")
     args = parser.parse_args(argv)
     try:
@@ -368,9 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     files = write_report(study)
-    database = home_dir(args.home) / "mlflow.db"
-    if not args.no_mlflow and database.is_file():
-        log_report(study, f"sqlite:///{database}", files)
+    if not args.no_mlflow and study.tracking_uri:
+        log_report(study, study.tracking_uri, files)
     print(f"report of {study.name}: {study.directory / REPORT_DIR}")
     for path in files:
         print(f"  {path.name}")

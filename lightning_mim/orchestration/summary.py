@@ -88,9 +88,9 @@ class ProtocolMismatch(ValueError):
 @dataclass(frozen=True)
 class PointSummary:
     """One grid point: its non-seed params, the seeds and trials behind it, an Estimate per metric
-    (objective first), its objective per seed, its comparison with the best point and its verdict
-    (`verdicts.point_verdicts`: best, worse than best, equivalent to best, not distinguished from best,
-    not testable)."""
+    (objective first), its objective per seed (`by_seed`; every metric's: `seed_values`), its comparison
+    with the best point and its verdict (`verdicts.point_verdicts`: best, worse than best, equivalent to
+    best, not distinguished from best, not testable)."""
 
     params: dict[str, str]
     seeds: list[str]
@@ -101,6 +101,7 @@ class PointSummary:
     is_best: bool
     verdict: str
     vs_best: Comparison | None = None
+    seed_values: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> seed -> value
 
     def label(self) -> str:
         return point_label(self.params)
@@ -215,16 +216,17 @@ def summarize(
     for key, members in groups.items():
         values: dict[str, list[float]] = {objective: [float(o.metrics.get(objective, o.value)) for o in members]}
         by_seed = dict(zip((o.trained_seed() for o in members), values[objective]))  # blocks: the seeds points share
+        seed_values = {objective: by_seed}
         for name in names[1:]:
-            got = [float(o.metrics[name]) for o in members if name in o.metrics and math.isfinite(o.metrics[name])]
+            got = [(o.trained_seed(), float(o.metrics[name])) for o in members if name in o.metrics and math.isfinite(o.metrics[name])]
             if got:
-                values[name] = got
-        pooled.append((dict(key), members, values, {n: mean_interval(v) for n, v in values.items()}, by_seed))
+                values[name], seed_values[name] = [v for _, v in got], dict(got)
+        pooled.append((dict(key), members, values, {n: mean_interval(v) for n, v in values.items()}, seed_values))
     sign = 1 if direction == "minimize" else -1
     pooled.sort(key=lambda p: (sign * p[3][objective].mean, str(sorted(p[0].items()))))
     labels = [point_label(params) for params, *_ in pooled]
     comparisons = compare_all(
-        {label: by_seed for label, (*_, by_seed) in zip(labels, pooled)},
+        {label: seed_values[objective] for label, (*_, seed_values) in zip(labels, pooled)},
         alpha=options.alpha, blocked=True, equivalence=options.equivalence, effect=options.effect,
     ) if len(pooled) > 1 else []
     if rounds is not None:
@@ -232,7 +234,7 @@ def summarize(
     means = {label: p[3][objective].mean for label, p in zip(labels, pooled)}
     verdicts = point_verdicts(comparisons, means, direction) if comparisons else {label: BEST for label in labels}
     points = []
-    for index, (label, (params, members, values, estimates, by_seed)) in enumerate(zip(labels, pooled)):
+    for index, (label, (params, members, values, estimates, seed_values)) in enumerate(zip(labels, pooled)):
         vs_best = None if index == 0 else next(c for c in comparisons if {c.a, c.b} == {label, labels[0]})
         points.append(PointSummary(
             params=params,
@@ -240,10 +242,11 @@ def summarize(
             trials=sorted(o.number for o in members),
             estimates=estimates,
             values=values,
-            by_seed=by_seed,
+            by_seed=seed_values[objective],
             is_best=index == 0,
             verdict=verdicts[label],
             vs_best=vs_best,
+            seed_values=seed_values,
         ))
     draws = [(float(o.metrics.get(objective, o.value)), float(o.metrics[objective + SECOND_DRAW_SUFFIX]))
              for members in groups.values() for o in members if objective + SECOND_DRAW_SUFFIX in o.metrics]

@@ -36,6 +36,7 @@ from lightning_mim.orchestration.tracking import compare_runs_url, ensure_experi
 COMPARE_TAG = "lightning_mim.compare_url"  # on the parent run: MLflow's compare view of the finished children
 ROUNDS_ARTIFACT = "rounds.json"  # on an adaptive sweep's parent run: every round's decisions
 PARENT_ATTR = "mlflow_parent_run_id"  # the study's user attribute holding the parent run id
+TRACKING_ATTR = "mlflow_tracking_uri"  # ... and the tracking URI its runs are in (what readers open)
 REPEAT_TAG = "lightning_mim.repeat"  # on the run of one seed of a `sweep.repeats` trial: that seed
 
 
@@ -72,6 +73,7 @@ class SweepRuns:
                 tags={"lightning_mim.role": "sweep", "lightning_mim.study": self.study_name, "optuna.storage": redacted(storage_url)},
             )
             client.log_text(run.info.run_id, redacted(spec_file.read_text()), spec_file.name)  # no password logged
+            study.set_user_attr(TRACKING_ATTR, self.tracking_uri)  # the study's own store: as private as the URI
             study.set_user_attr(PARENT_ATTR, run.info.run_id)
             return run.info.run_id
 

@@ -123,7 +123,8 @@ def run_params_and_path_tags(cfg: DictConfig, aliases: set[str] | None = None) -
     """(params, tags) of a run. Params: every resolved key of `cfg` that says what the run computes,
     flat (`schedule.name`, `decode.steps`, `choices.ratio`), without the bookkeeping keys and without
     aliases (`alias_keys`), so in MLflow's compare view the params that differ between a sweep's
-    children are its axes. Tags `path.<key>`: file-system locations (output, cache, checkpoint
+    children are its axes: a group whose options carry their own name (`schedule/cosine.yaml`: `name:
+    cosine`) is that `<group>.name` only, not also `choices.<group>`. Tags `path.<key>`: file-system locations (output, cache, checkpoint
     files), which differ from run to run without changing what is computed. `aliases`: for a config
     that was saved resolved, the alias keys of its composition (`alias_keys(compose(cfg.overrides))`)."""
     aliases = alias_keys(cfg) if aliases is None else aliases  # a resolved config (config.yaml) has none left
@@ -135,6 +136,9 @@ def run_params_and_path_tags(cfg: DictConfig, aliases: set[str] | None = None) -
             tags[f"path.{key}"] = str(value)
         else:
             params[key] = value
+    for group in [k.removeprefix("choices.") for k in params if k.startswith("choices.")]:
+        if f"{group}.name" in params:  # `schedule=linear` and `schedule.name=linear` alike: one param, `schedule.name`
+            del params[f"choices.{group}"]
     return params, tags
 
 
@@ -152,7 +156,7 @@ def log_run_config(logger, params_and_tags: tuple[dict[str, Any], dict[str, str]
     if hasattr(logger, "experiment") and hasattr(logger, "run_id"):
         for key, value in tags.items():
             logger.experiment.set_tag(logger.run_id, key, value)
-        logger.experiment.log_artifact(logger.run_id, str(config_file))
+        logger.experiment.log_text(logger.run_id, redacted(config_file.read_text()), config_file.name)  # no password logged
 
 
 def reserve_first_metric(logger, key: str) -> None:
