@@ -1,11 +1,12 @@
-"""Where a sweep trial's wall time goes: one digits_maskgit trial, phase by phase.
+"""Where a sweep trial's wall time goes: one trial of a digits preset (digits_maskgit by default), phase by phase.
 
 Run by hand on a quiet machine; prints one table and the ratio of the trial's wall time to its
-training steps alone (the goal of the trial-cost work: <= 1.5x).
+training steps alone (a trial that is mostly training: <= 1.5x).
 
     python benchmarks/sweep_cost.py                        # a default sweep trial: 600 steps, final evaluation
-    python benchmarks/sweep_cost.py --compare              # ... and the trial as it was before, side by side
+    python benchmarks/sweep_cost.py --compare              # ... and without the token memo and final-only evaluation
     python benchmarks/sweep_cost.py trainer.max_steps=200  # any train override
+    python benchmarks/sweep_cost.py experiment=digits_mage # a MAGE trial: the linear probe is one of its callbacks
 
 Phases:
 - interpreter + imports: `python -c "import lightning_mim.orchestration.training"` in a fresh process
@@ -116,7 +117,7 @@ def measure_trial(base: list[str], overrides: list[str], *, memo: bool) -> tuple
     timer = PhaseTimer()
     original, remember = train_module._instantiate_callbacks, TokenMemo.__call__
     train_module._instantiate_callbacks = lambda cfg: [*original(cfg), timer]
-    if not memo:  # the trial as it was before the memo: the tokenizer runs on every image batch
+    if not memo:  # without the memo: the tokenizer runs on every image batch
         TokenMemo.__call__ = lambda self, images, encode: encode(images)
     try:
         cfg = compose([*base, *overrides])
@@ -155,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="train overrides (experiment=digits_maskgit is the default)")
     parser.add_argument("--home", default=os.environ.get("LIGHTNING_MIM_HOME", "lmim-bench"))
     parser.add_argument("--compare", action="store_true",
-                        help="also run the trial as it was before the cost work (tokenizer on every batch, "
-                             "intermediate evaluations), after a 1-step warm-up that fills the home's caches")
+                        help="also run the trial without the token memo and with intermediate evaluations "
+                             "(tokenizer on every batch), after a 1-step warm-up that fills the home's caches")
     args = parser.parse_args(argv)
     print_conditions()
     base = [f"paths.home={Path(args.home).resolve()}", "run_name=sweep-cost", *args.overrides]
@@ -170,19 +171,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shared tokenizer stage (once per sweep, cached after): {tokenizer:.1f} s")
     # what a grid sweep's trial runs: the final evaluation only (sweep.intermediate_evals=auto), token memo on
     now = final_evaluation_only(compose(base))
-    trials = [("as a grid sweep runs it now: token memo, final evaluation only", now, True)]
+    trials = [("as a grid sweep runs it: token memo, final evaluation only", now, True)]
     if args.compare:
         start = time.perf_counter()
         run(compose([*base, "trainer.max_steps=1", "run_name=sweep-cost-warmup"]))
         print(f"warm-up (domain classifier, real statistics; once per home): {time.perf_counter() - start:.1f} s")
-        trials.insert(0, ("before: tokenizer on every batch, evaluations every 200 steps", [], False))
+        trials.insert(0, ("without the memo: tokenizer on every batch, the preset's intermediate evaluations", [], False))
     walls = []
     for title, overrides, memo in trials:
         rows, wall, training, steps = measure_trial(base, overrides, memo=memo)
         print_table(f"{title} ({steps} steps)", rows, wall, training)
         walls.append(wall)
     if len(walls) == 2:
-        print(f"\ntrial wall time before / now: {walls[0]:.1f} / {walls[1]:.1f} s = {walls[0] / walls[1]:.2f}x")
+        print(f"\ntrial wall time without / with the memo and final-only evaluation: {walls[0]:.1f} / {walls[1]:.1f} s = {walls[0] / walls[1]:.2f}x")
     return 0
 
 

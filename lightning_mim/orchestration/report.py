@@ -37,10 +37,11 @@ import yaml
 
 from lightning_mim.orchestration.config import DEFAULT_HOME
 from lightning_mim.orchestration.sweep_spec import DEFAULT_INFERENCE_ONLY, SweepSpec
-from lightning_mim.orchestration.sweep_tracking import PARENT_ATTR, TRACKING_ATTR
 from lightning_mim.sequential import RoundState
 from lightning_mim.statistics import Estimate
 from lightning_mim.orchestration.summary import (
+    PARENT_ATTR,
+    TRACKING_ATTR,
     comparison_columns,
     SEED_KEY,
     PointSummary,

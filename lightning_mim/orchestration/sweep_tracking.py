@@ -21,6 +21,8 @@ from optuna.trial import TrialState
 
 from lightning_mim.orchestration.protocol import objective_metric
 from lightning_mim.orchestration.summary import (
+    PARENT_ATTR,
+    TRACKING_ATTR,
     ProtocolMismatch,
     all_rounds,
     latest_round,
@@ -35,8 +37,6 @@ from lightning_mim.orchestration.tracking import compare_runs_url, ensure_experi
 
 COMPARE_TAG = "lightning_mim.compare_url"  # on the parent run: MLflow's compare view of the finished children
 ROUNDS_ARTIFACT = "rounds.json"  # on an adaptive sweep's parent run: every round's decisions
-PARENT_ATTR = "mlflow_parent_run_id"  # the study's user attribute holding the parent run id
-TRACKING_ATTR = "mlflow_tracking_uri"  # ... and the tracking URI its runs are in (what readers open)
 REPEAT_TAG = "lightning_mim.repeat"  # on the run of one seed of a `sweep.repeats` trial: that seed
 
 
