@@ -71,14 +71,14 @@ def needs_images(module) -> bool:
 
 def training_step(module, cfg, batch: int):
     """One step as the module trains: its own masking and loss (MAGE-C: reconstruction + contrastive
-    on two views), then its own optimizer (`configure_optimizers`: only the trainable parameters)."""
+    on two views), then AdamW over the trainable parameters (the tokenizer is frozen)."""
     size = int(cfg.data.image_size)
     if needs_images(module):
         data = torch.rand(batch, 3, size, size)
     else:
         data = torch.randint(0, module.layout.codebook_size, (batch, module.n_tokens))
     labels = torch.randint(0, max(1, getattr(module, "num_classes", 1)), (batch,))
-    optimizer = module.configure_optimizers()["optimizer"]
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)  # the frozen tokenizer: none
 
     def step() -> None:
         if module.hparams.get("contrastive", False):
