@@ -48,7 +48,7 @@ def test_the_reserved_objective_stays_first_and_ends_with_the_real_value(tmp_pat
 
 
 # -- where a person opens the runs: each store kind gets links to its own UI, no password shown ----------
-SQLITE = "sqlite:////data/lmim/mlflow.db"
+SQLITE = "sqlite:///lmim/mlflow.db"
 POSTGRES = "postgresql+psycopg2://me:s3cret@db.lab:5432/mlflow"
 SERVER = "http://tracking.lab:8080/"
 

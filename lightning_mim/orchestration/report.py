@@ -105,7 +105,11 @@ class Study:
 
     def rounds(self) -> list[RoundState]:
         """An adaptive sweep's decisions, round by round (empty when its seeds were fixed)."""
-        return all_rounds(optuna.load_study(study_name=self.name, storage=self.storage).user_attrs)
+        return all_rounds(self.user_attrs())
+
+    def user_attrs(self) -> dict[str, Any]:
+        """The study's attributes as stored now (the sweep adds to them while it runs)."""
+        return optuna.load_study(study_name=self.name, storage=self.storage).user_attrs
 
     def points(self) -> list[PointSummary]:
         return self.summary().points
@@ -113,13 +117,13 @@ class Study:
     @property
     def parent_run_id(self) -> str | None:
         """The sweep's MLflow parent run (None before the sweep created it)."""
-        return optuna.load_study(study_name=self.name, storage=self.storage).user_attrs.get(PARENT_ATTR)
+        return self.user_attrs().get(PARENT_ATTR)
 
     @property
     def tracking_uri(self) -> str | None:
         """The MLflow tracking URI the sweep logged to, as the sweep recorded it with the study (a SQLite
         file, a database, a tracking server); None without MLflow (`logger=csv`)."""
-        return optuna.load_study(study_name=self.name, storage=self.storage).user_attrs.get(TRACKING_ATTR)
+        return self.user_attrs().get(TRACKING_ATTR)
 
     @property
     def storage(self) -> str:

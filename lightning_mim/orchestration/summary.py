@@ -90,23 +90,27 @@ class ProtocolMismatch(ValueError):
 @dataclass(frozen=True)
 class PointSummary:
     """One grid point: its non-seed params, the seeds and trials behind it, an Estimate per metric
-    (objective first), its objective per seed (`by_seed`; every metric's: `seed_values`), its comparison
-    with the best point and its verdict (`verdicts.point_verdicts`: best, worse than best, equivalent to
-    best, not distinguished from best, not testable)."""
+    (objective first), every metric per seed (`seed_values`, objective first; the objective's alone:
+    `by_seed`), its comparison with the best point and its verdict (`verdicts.point_verdicts`: best,
+    worse than best, equivalent to best, not distinguished from best, not testable)."""
 
     params: dict[str, str]
     seeds: list[str]
     trials: list[int]
     estimates: dict[str, Estimate]
     values: dict[str, list[float]]
-    by_seed: dict[str, float]
+    seed_values: dict[str, dict[str, float]]  # metric -> seed -> value, the objective first
     is_best: bool
     verdict: str
     vs_best: Comparison | None = None
-    seed_values: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> seed -> value
 
     def label(self) -> str:
         return point_label(self.params)
+
+    @property
+    def by_seed(self) -> dict[str, float]:
+        """The objective per seed (the blocks the comparisons pair)."""
+        return next(iter(self.seed_values.values()))
 
     @property
     def p_vs_best(self) -> float | None:
@@ -217,8 +221,7 @@ def summarize(
     pooled = []
     for key, members in groups.items():
         values: dict[str, list[float]] = {objective: [float(o.metrics.get(objective, o.value)) for o in members]}
-        by_seed = dict(zip((o.trained_seed() for o in members), values[objective]))  # blocks: the seeds points share
-        seed_values = {objective: by_seed}
+        seed_values = {objective: dict(zip((o.trained_seed() for o in members), values[objective]))}  # blocks: the seeds points share
         for name in names[1:]:
             got = [(o.trained_seed(), float(o.metrics[name])) for o in members if name in o.metrics and math.isfinite(o.metrics[name])]
             if got:
@@ -244,11 +247,10 @@ def summarize(
             trials=sorted(o.number for o in members),
             estimates=estimates,
             values=values,
-            by_seed=seed_values[objective],
+            seed_values=seed_values,
             is_best=index == 0,
             verdict=verdicts[label],
             vs_best=vs_best,
-            seed_values=seed_values,
         ))
     draws = [(float(o.metrics.get(objective, o.value)), float(o.metrics[objective + SECOND_DRAW_SUFFIX]))
              for members in groups.values() for o in members if objective + SECOND_DRAW_SUFFIX in o.metrics]

@@ -176,7 +176,7 @@ def reserve_first_metric(logger, key: str) -> None:
         logger.experiment.log_metric(logger.run_id, key, float("nan"), step=0)
 
 
-LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a database store by default
+LOCAL_HOST, LOCAL_PORT = "127.0.0.1", 5000  # where `mlflow ui` serves a database store by default
 
 
 PASSWORD_IN_URI = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]+:)[^\s@/]+@")  # scheme://user:PASSWORD@
@@ -194,24 +194,24 @@ def is_server(tracking_uri: str) -> bool:
 
 
 def ui_base(tracking_uri: str) -> str:
-    """The address of the UI that shows the runs of `tracking_uri`: the server itself, or the local
-    `mlflow ui` that `ui_command` starts for a database or file store."""
-    return tracking_uri.rstrip("/") if is_server(tracking_uri) else LOCAL_UI
+    """The address of the UI that shows the runs of `tracking_uri`, as it is printed (password
+    redacted): the server itself, or the local `mlflow ui` that `ui_command` starts for a database or
+    file store."""
+    return redacted(tracking_uri.rstrip("/")) if is_server(tracking_uri) else f"http://{LOCAL_HOST}:{LOCAL_PORT}"
 
 
 def ui_command(tracking_uri: str) -> str | None:
-    """The command that serves a store's runs at `LOCAL_UI` (password redacted); None for a tracking
+    """The command that serves a store's runs at `ui_base` (password redacted); None for a tracking
     server, which is its own UI."""
     if is_server(tracking_uri):
         return None
-    host, port = LOCAL_UI.removeprefix("http://").split(":")
-    return f"mlflow ui --backend-store-uri {redacted(tracking_uri)} --host {host} --port {port}"
+    return f"mlflow ui --backend-store-uri {redacted(tracking_uri)} --host {LOCAL_HOST} --port {LOCAL_PORT}"
 
 
 def runs_table_url(tracking_uri: str, experiment_id: str) -> str:
     """The URL that opens the classic runs table (not the GenAI view) of MLflow 3.17's UI, on the UI of
     `tracking_uri` (`ui_base`)."""
-    return f"{redacted(ui_base(tracking_uri))}/#/experiments/{experiment_id}?workflowType=machine_learning"
+    return f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def compare_runs_url(tracking_uri: str, run_ids: list[str], experiment_ids: list[str]) -> str:
@@ -221,4 +221,4 @@ def compare_runs_url(tracking_uri: str, run_ids: list[str], experiment_ids: list
     from urllib.parse import quote
 
     runs, experiments = quote(json.dumps(list(run_ids))), quote(json.dumps(list(experiment_ids)))
-    return f"{redacted(ui_base(tracking_uri))}/#/compare-runs?runs={runs}&experiments={experiments}"
+    return f"{ui_base(tracking_uri)}/#/compare-runs?runs={runs}&experiments={experiments}"
