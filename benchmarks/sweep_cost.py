@@ -21,7 +21,8 @@ Phases:
 
 Why written here: Lightning's `SimpleProfiler` reports hook totals but cannot attribute a callback's
 time to "evaluation" vs "pictures" or the tokenizer's share inside `training_step`; this wraps exactly
-the methods whose time the issue asks for, in-process, and runs the real `orchestration.training.run`.
+the methods whose time a trial's cost breakdown needs, in-process, and runs the real
+`orchestration.training.run`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The digits presets learn: a shortened `experiment=digits_maskgit` (on a shortened digits tokenizer)
 produces class-conditional samples that the domain classifier recognises far above chance, and FID and
-CAS improve from the first evaluation to the last (the evaluation issue's "must show", at a budget
-a test can afford; the full preset's numbers are in the README)."""
+CAS improve from the first evaluation to the last, at a budget a test can afford (the full preset's
+numbers: docs/TRAINING.md "Measured: the digits MaskGIT preset" and docs/RESULTS.md)."""
 
 from __future__ import annotations
 

@@ -139,7 +139,8 @@ def test_rows_read_back_give_the_same_estimates():
             assert format_estimate(back[name]) == format_estimate(estimate)
 
 
-# The steps sweep in README: the cosine models of seeds 0, 1, 2 evaluated at T = 4 and T = 12 (FID_domain).
+# The steps sweep of docs/RESULTS.md "Decoding steps, on the same models": the cosine models of seeds 0, 1, 2
+# evaluated at T = 4 and T = 12 (FID_domain).
 COSINE_T4 = [3.566, 4.641, 4.054]
 COSINE_T12 = [2.756, 3.221, 2.931]
 

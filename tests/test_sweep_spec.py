@@ -197,7 +197,7 @@ def test_repeats_train_each_configuration_with_seeds_and_confirm_on_fresh_ones()
     assert len({plain.study_name(), spec.study_name(), two.study_name()}) == 3
     default = parse(["schedule=cosine,linear,sqrt"])
     default.resolve_seeds(3)
-    assert default.study_name() == "adhoc-28c720ca47"  # the default sweep's study, as README's homes hold it
+    assert default.study_name() == "adhoc-28c720ca47"  # the default sweep's study, as the homes of docs/RESULTS.md hold it
 
 
 @pytest.mark.parametrize("args", [

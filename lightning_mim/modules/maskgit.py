@@ -5,7 +5,8 @@ of `losses.py` and `decoding.decode`; it implements none of them.
 
 Sequence layout (official): position 0 holds the class token `K + label`, positions 1..N the image
 tokens. Unconditional generation and classifier-free guidance use the mask id at position 0 as the
-"no class" token (the official model has no such token; this is our choice, documented in README).
+"no class" token (the official model has no such token; this is our choice, documented in docs/FIDELITY.md
+"Choices of ours where the papers are silent").
 """
 
 from __future__ import annotations

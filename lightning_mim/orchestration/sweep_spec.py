@@ -34,7 +34,8 @@ REPLICATE_KEY = "replicate"  # the grid axis of `sweep.replicates` (an A/A desig
 AUTO = "auto"  # `sweep.seeds=auto`: seeds in rounds where comparisons are open (`lightning_mim.sequential`)
 # The rounds of `sweep.seeds=auto` unless `sweep.first_round/round_size/max_seeds` say otherwise: a first
 # round of 5 seeds per point (at 3 the paired t-test has 2 degrees of freedom and decides almost nothing
-# at the family's level), then rounds of 5 up to 15 (looks at 5, 10, 15; README "Seeds where the doubt is")
+# at the family's level), then rounds of 5 up to 15 (looks at 5, 10, 15; docs/SWEEPS.md "Seeds where the doubt
+# is: `sweep.seeds=auto`")
 AUTO_FIRST_ROUND, AUTO_ROUND_SIZE, AUTO_MAX_SEEDS = 5, 5, 15
 MAX_POINTS_TO_CHECK = 1000  # combinations of a search space's values checked before a sweep starts
 

@@ -51,7 +51,7 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_location: str) -> s
 def environment_tags() -> dict[str, str]:
     """What a run's numbers depend on besides its config, as MLflow tags `env.*`: the library versions,
     torch's intra-op threads, the device and the host's processor. Two runs of one config agree to the
-    last digit only when these agree (and even then not across machines; see README "Reproducibility")."""
+    last digit only when these agree (and even then not across machines; see docs/SWEEPS.md "Reproducibility")."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
