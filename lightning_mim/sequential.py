@@ -123,6 +123,7 @@ from lightning_mim.verdicts import (
 
 OBRIEN_FLEMING, POCOCK = "obrien_fleming", "pocock"
 SPENDINGS = (OBRIEN_FLEMING, POCOCK)
+SPENDING_NAMES = {OBRIEN_FLEMING: "O'Brien–Fleming", POCOCK: "Pocock"}  # as the literature writes them
 STATUSES = (DIFFERENT, EQUIVALENT, OPEN, UNTESTABLE)
 MAX_LOOKS = 16  # the null draws hold 8 MiB per look
 NULL_DRAWS = 1 << 21

@@ -2,9 +2,9 @@
 
 Lightning restores the weights, the optimizer, the schedulers and the loop counters, but not what a
 run draws from: the global random generators (masking ratios and positions, dropout, MAGE-C views)
-and the position of the training stream. Resuming from `last.ckpt` at step k used to replay epoch
-e's stream from its first batch with the generators freshly seeded, so the resumed run trained on
-other batches with other masks than the uninterrupted one and ended elsewhere.
+and the position of the training stream. Without more, resuming from `last.ckpt` at step k replays
+epoch e's stream from its first batch with the generators freshly seeded, so the resumed run trains on
+other batches with other masks than the uninterrupted one and ends elsewhere.
 
 `ExactResume` stores, in every checkpoint, the generators' states (torch CPU and CUDA, numpy,
 `random`; as tensors and plain values, so `weights_only=True` loading still works) and where the stream was (Lightning's epoch and the

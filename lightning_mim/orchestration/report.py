@@ -213,10 +213,21 @@ def _panel_metrics(study: Study, points: Sequence[PointSummary]) -> list[str]:
     return [study.objective, *([companion] if present else [])]
 
 
-def draw_axis_figure(study: Study, points: Sequence[PointSummary], axis: str, path: Path):
-    """The figure of `axis` (see the module docstring), saved to `path`; returns the matplotlib figure."""
+def _fit_title(fig, title: str, fontsize: float = 9) -> None:
+    """Set `title` as `fig`'s suptitle, wrapped into lines whose rendered width fits the figure (a line
+    wider than the figure is clipped at both edges)."""
     import textwrap
 
+    width = int(16 * fig.get_figwidth())  # characters a line; narrowed until the widest line fits
+    text = fig.suptitle(textwrap.fill(title, width), fontsize=fontsize)
+    renderer = fig.canvas.get_renderer()
+    while width > 20 and text.get_window_extent(renderer).width > 0.97 * fig.bbox.width:
+        width = int(width * 0.9)
+        text.set_text(textwrap.fill(title, width))
+
+
+def draw_axis_figure(study: Study, points: Sequence[PointSummary], axis: str, path: Path):
+    """The figure of `axis` (see the module docstring), saved to `path`; returns the matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,7 +237,9 @@ def draw_axis_figure(study: Study, points: Sequence[PointSummary], axis: str, pa
     values = study.axis_values(axis)
     numeric = _numeric(values)
     fig, panels = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.6), squeeze=False, layout="constrained")
-    seeds = max((len(p.seeds) for p in points), default=1)
+    counts = sorted({len(p.seeds) for p in points}) or [1]
+    seeds = counts[-1]
+    seeds_text = f"{counts[0]}–{counts[-1]}" if len(counts) > 1 else str(seeds)  # seeds=auto: points differ
     for ax, metric in zip(panels[0], metrics):
         series = axis_series(study, points, axis, metric)
         shift = 0.0 if numeric else 0.8 / max(1, len(series))
@@ -238,7 +251,7 @@ def draw_axis_figure(study: Study, points: Sequence[PointSummary], axis: str, pa
                 ax.plot(*zip(*line), color=color, alpha=0.35, linewidth=0.8, marker="o", markersize=3)
             means = [c.estimate.mean for c in cells]
             half = [c.estimate.half_width or 0.0 for c in cells]
-            shown = label if label != "all" else f"mean ± 95 % CI ({seeds} seeds)" if seeds > 1 else "one seed"
+            shown = label if label != "all" else f"mean ± 95 % CI ({seeds_text} seeds)" if seeds > 1 else "one seed"
             if numeric:
                 ax.plot(xs, means, color=color, linewidth=2, marker="s", label=shown)
                 ax.fill_between(xs, [m - h for m, h in zip(means, half)], [m + h for m, h in zip(means, half)], color=color, alpha=0.15)
@@ -257,9 +270,9 @@ def draw_axis_figure(study: Study, points: Sequence[PointSummary], axis: str, pa
         ax.legend(fontsize=8, title=", ".join(a for a in study.axes if a != axis) or None)
     title = f"{study.name}: {', '.join(metrics)} vs {axis}"
     if seeds > 1:
-        title += (f" — mean and 95 % interval over {seeds} seeds; faint lines join each seed's values (seed i of every "
+        title += (f" — mean and 95 % interval over {seeds_text} seeds; faint lines join each seed's values (seed i of every "
                   "point shares its initial weights, data order and evaluation draws)")
-    fig.suptitle(textwrap.fill(title, width=int(16 * fig.get_figwidth())), fontsize=9)
+    _fit_title(fig, title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from lightning_mim.orchestration.fingerprint import PROTOCOL_ATTR, protocol_difference
 from lightning_mim.settings import SECOND_DRAW_SUFFIX
-from lightning_mim.sequential import RoundState
+from lightning_mim.sequential import SPENDING_NAMES, RoundState
 from lightning_mim.statistics import ALPHA, Estimate, NoiseShare, evaluation_noise, mean_interval
 from lightning_mim.verdicts import (
     BEST,
@@ -309,7 +309,7 @@ def sequential_legend(rounds: RoundState) -> str:
     design = rounds.design
     text = (f"seeds in rounds (sweep.seeds=auto: looks at {', '.join(map(str, design.looks))} seeds a point; this is "
             f"round {rounds.look + 1}); every pair of points compared by a group-sequential paired t-test "
-            f"({design.spending.replace('_', '–').title()} α-spending), Holm over the {design.hypotheses(len(rounds.points))} "
+            f"({SPENDING_NAMES[design.spending]} α-spending), Holm over the {design.hypotheses(len(rounds.points))} "
             f"hypotheses at family-wise α = {design.alpha} across all rounds; p is the nominal p of the deciding "
             f"round's test, against the level it had to beat there")
     if design.equivalence is not None:
