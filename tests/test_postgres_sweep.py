@@ -212,3 +212,29 @@ def test_two_node_sweep_on_postgres_and_mlflow_server_survives_a_killed_worker(t
     # the report and the notebook read the study's own tracking URI (the server), not a file in the home
     study_read = report.find_study(tmp_path / "submit")
     assert study_read.tracking_uri == tracking_uri and study_read.parent_run_id == parent
+
+
+def test_a_sweep_tracked_directly_in_postgres_prints_its_ui_command_and_reads_back(tmp_path, tiny_stage2_overrides):
+    """`logger.tracking_uri=postgresql+psycopg2://...` with no tracking server: the console prints the
+    `mlflow ui` command that serves that database (password redacted) and the runs-table and compare
+    links on that local UI; the study records the URI, and the report's reader (the notebook's) finds the
+    parent run and its child through it."""
+    from mlflow.tracking import MlflowClient
+
+    with postgres_server() as pg:
+        pg.createdb("mlflow")
+        tracking_uri = pg.url("mlflow").replace(f"{DB_USER}@", f"{DB_USER}:{PASSWORD}@")  # trust auth ignores it
+        home = tmp_path / "home"
+        proc = run_module("lightning_mim.sweep", ["schedule=cosine", f"logger.tracking_uri={tracking_uri}",
+                                                  *tiny_stage2_overrides], home)
+        shown = tracking_uri.replace(PASSWORD, "***")
+        assert f"MLflow UI:  mlflow ui --backend-store-uri {shown} --host 127.0.0.1 --port 5000\n" in proc.stdout
+        assert "runs table: http://127.0.0.1:5000/#/experiments/" in proc.stdout
+        assert "compare:    http://127.0.0.1:5000/#/compare-runs?runs=" in proc.stdout
+        assert PASSWORD not in proc.stdout + proc.stderr
+        study = report.find_study(home)
+        assert study.tracking_uri == tracking_uri  # what the notebook reads through
+        client = MlflowClient(tracking_uri=study.tracking_uri)
+        assert client.get_run(study.parent_run_id).info.status == "FINISHED"
+        children = _children(study.tracking_uri, study.parent_run_id)
+        assert [r.data.params["schedule.name"] for r in children] == ["cosine"]
