@@ -9,17 +9,20 @@ else (no data, no LayerNorm/GELU/dropout, no process start-up, no evaluation met
     python benchmarks/sweep_floor.py                           # the default sweep: 3 schedules x sweep_seeds
     python benchmarks/sweep_floor.py --points 3 trainer.max_steps=450 transformer.depth=2
     python benchmarks/sweep_floor.py experiment=digits_mage --points 4   # sweep=ratios: 4 distributions
+    python benchmarks/sweep_floor.py experiment=digits_mage_finetune model.pretrained=PATH  # fine-tuning
 
 What it prints, and how each number is obtained:
 - FLOPs per step: `torch.utils.flop_counter.FlopCounterMode` around one real training step of the
-  configured module (`masked_loss`: its masking, forward and masked-token loss; backward; AdamW) at the
-  preset's batch;
+  configured module (`masked_loss`: its masking, forward and masked-token loss; MAGE-C: both views and
+  the contrastive term; fine-tuning: the classifier's forward and cross-entropy; backward; AdamW) at
+  the preset's batch;
   the counter counts matmuls, batched matmuls and attention, i.e. everything the floor can charge;
 - tokenizer stage: the same count for one step of the configured VQGAN (encode, quantize, decode, L2
   loss, backward) times `digits_tokenizer`'s steps;
 - final evaluation: one decoding pass of the model over `evaluation.num_samples` sequences, times
   `decode.steps` (the tokenizer's decoding of the samples and the classifier's features are left out:
-  the floor only gets lower); MAGE presets add the linear probe's feature pass over the digits;
+  the floor only gets lower); fine-tuning: the classifier over the val split; MAGE presets add the
+  linear probe's feature pass over the digits;
 - the peak: a 2048 x 2048 float32 matmul on one thread (x cores, the sweep's `sweep_jobs` one-thread
   trials) and on all threads; the larger rate is the machine's peak;
 - the step as measured: the same training step timed on one thread, as a sweep trial runs it, to show
@@ -41,6 +44,7 @@ import time
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from conditions import matmul_rate, print_conditions
@@ -63,10 +67,15 @@ def stage2_module(cfg):
     return instantiate(cfg.model, _recursive_=False, _convert_="all")
 
 
+def is_classifier(module) -> bool:
+    """Fine-tuning (`model=mage_finetune`): the module classifies images; it neither masks nor generates."""
+    return not hasattr(module, "masked_loss")
+
+
 def needs_images(module) -> bool:
     """Whether the module trains on image batches: MAGE-C's augmented views and the continuous-input
     ablation run the frozen tokenizer on every batch; the others read memoised token grids."""
-    return bool(getattr(module, "continuous_input", False) or module.hparams.get("contrastive", False))
+    return bool(is_classifier(module) or getattr(module, "continuous_input", False) or module.hparams.get("contrastive", False))
 
 
 def training_step(module, cfg, batch: int):
@@ -77,11 +86,14 @@ def training_step(module, cfg, batch: int):
         data = torch.rand(batch, 3, size, size)
     else:
         data = torch.randint(0, module.layout.codebook_size, (batch, module.n_tokens))
-    labels = torch.randint(0, max(1, getattr(module, "num_classes", 1)), (batch,))
+    classes = module.head.out_features if is_classifier(module) else getattr(module, "num_classes", 1)
+    labels = torch.randint(0, max(1, classes), (batch,))
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)  # the frozen tokenizer: none
 
     def step() -> None:
-        if module.hparams.get("contrastive", False):
+        if is_classifier(module):
+            loss = module.loss(module(data), labels)
+        elif module.hparams.get("contrastive", False):
             loss = module.contrastive_step(data)["loss"]
         else:
             loss, _ = module.masked_loss((data, labels))
@@ -92,6 +104,35 @@ def training_step(module, cfg, batch: int):
     return step
 
 
+def digits_split(cfg) -> tuple[int, int]:
+    """(train, val) image counts of the embedded digits under `cfg`'s stratified split."""
+    from lightning_mim.data.digits import DEFAULT_VAL_PER_CLASS, NUM_CLASSES, NUM_IMAGES
+
+    val = NUM_CLASSES * int(cfg.data.get("val_per_class", DEFAULT_VAL_PER_CLASS))
+    return NUM_IMAGES - val, val
+
+
+def encoder_pass_flops(module, cfg, images: int, fn) -> int:
+    """FLOPs of `fn(image chunk)` over `images` digits, counted on chunks of 256."""
+    size, chunk = int(cfg.data.image_size), 256
+    with torch.no_grad():
+        per_chunk = counted(lambda: fn(torch.rand(chunk, 3, size, size)))
+    return per_chunk * images // chunk
+
+
+def evaluation_flops(module, cfg) -> tuple[int, str]:
+    """(FLOPs, label) of a trial's final evaluation: `decode.steps` passes of the model over
+    `evaluation.num_samples` sequences for a generator; the classifier over the val split for fine-tuning."""
+    if is_classifier(module):
+        _, val = digits_split(cfg)
+        return encoder_pass_flops(module, cfg, val, module), f"classifier over {val} val images"
+    samples, decode_steps = int(cfg.evaluation.num_samples), int(cfg.decode.steps)
+    tokens = torch.randint(0, module.layout.codebook_size, (samples, module.n_tokens))
+    with torch.no_grad():
+        pass_flops = counted(lambda: module.logits_fn(None, samples)(tokens))
+    return decode_steps * pass_flops, f"{decode_steps} passes x {samples} samples"
+
+
 def probe_flops(module, cfg) -> tuple[int, int]:
     """(FLOPs, images) of the final linear probe's feature pass (`callbacks.linear_probe`: the encoder
     over the training and validation digits); (0, 0) without a probe. The probe's own fit (lbfgs on
@@ -99,15 +140,9 @@ def probe_flops(module, cfg) -> tuple[int, int]:
     probe = (cfg.get("callbacks") or {}).get("linear_probe")
     if not probe or not hasattr(module, "encode_features"):
         return 0, 0
-    from lightning_mim.data.digits import DEFAULT_VAL_PER_CLASS, NUM_CLASSES, NUM_IMAGES
-
-    val = NUM_CLASSES * int(cfg.data.get("val_per_class", DEFAULT_VAL_PER_CLASS))
     images = sum(min(n, int(limit)) if limit else n
-                 for n, limit in zip((NUM_IMAGES - val, val), (probe.get("max_train_samples"), probe.get("max_val_samples"))))
-    size, chunk = int(cfg.data.image_size), 256
-    with torch.no_grad():
-        per_chunk = counted(lambda: module.encode_features(torch.rand(chunk, 3, size, size)))
-    return per_chunk * images // chunk, images
+                 for n, limit in zip(digits_split(cfg), (probe.get("max_train_samples"), probe.get("max_val_samples"))))
+    return encoder_pass_flops(module, cfg, images, module.encode_features), images
 
 
 def tokenizer_step(cfg) -> int:
@@ -136,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     cfg = compose(args.overrides)
+    if "pretrained" in cfg.model.keys() and OmegaConf.is_missing(cfg.model, "pretrained"):
+        parser.error("model.pretrained=???: a fine-tuning preset's architecture comes from its pre-trained "
+                     "checkpoint; pass model.pretrained=PATH (a last.ckpt of experiment=digits_mage)")
     tokenizer_cfg = compose(["experiment=digits_tokenizer"])
     seeds, steps, batch = int(cfg.sweep_seeds), int(cfg.trainer.max_steps), int(cfg.data.batch_size)
     trials = args.points * seeds
@@ -146,10 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     step = training_step(module, cfg, batch)
     step_flops = counted(step)
     module.eval()
-    samples, decode_steps = int(cfg.evaluation.num_samples), int(cfg.decode.steps)
-    tokens = torch.randint(0, module.layout.codebook_size, (samples, module.n_tokens))
-    with torch.no_grad():
-        pass_flops = counted(lambda: module.logits_fn(None, samples)(tokens))
+    evaluation, evaluation_label = evaluation_flops(module, cfg)
     probe, probe_images = probe_flops(module, cfg)
     module.train()
     tokenizer_flops = tokenizer_step(tokenizer_cfg) * int(tokenizer_cfg.trainer.max_steps)
@@ -157,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         (f"tokenizer stage ({int(tokenizer_cfg.trainer.max_steps)} steps, once)", tokenizer_flops),
         (f"training: {trials} trials x {steps} steps x {step_flops / 1e9:.2f} GFLOP", trials * steps * step_flops),
-        (f"final evaluations: {trials} x {decode_steps} passes x {samples} samples", trials * decode_steps * pass_flops),
+        (f"final evaluations: {trials} x {evaluation_label}", trials * evaluation),
         *([(f"final linear probes: {trials} x encoder over {probe_images} images", trials * probe)] if probe else []),
     ]
     total = sum(f for _, f in rows)
@@ -178,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sweep: {' '.join(args.overrides) or 'experiment=digits_maskgit (defaults)'}; {args.points} points x "
           f"{seeds} seeds = {trials} trials; torch {torch.__version__}, {cores} cores")
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    print(f"model: {type(module).__name__}, {trainable / 1e6:.2f} M trainable parameters, {module.n_tokens} image tokens, "
+    tokens = f"{module.n_tokens} image tokens, " if hasattr(module, "n_tokens") else ""
+    print(f"model: {type(module).__name__}, {trainable / 1e6:.2f} M trainable parameters, {tokens}"
           f"batch {batch}; FLOPs counted by torch.utils.flop_counter (matmuls, attention)")
     print(f"{'work':<62} {'TFLOP':>8} {'share':>6}")
     for label, flops in rows:
