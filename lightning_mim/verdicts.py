@@ -256,6 +256,43 @@ def simulate(
     }
 
 
+def simulate_families(
+    n_points: int,
+    n_seeds: int,
+    *,
+    metric_correlation: float,
+    correlation: float = 0.0,
+    sims: int,
+    alpha: float = ALPHA,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Monte-Carlo A/A sweeps with two metrics per trial, read as a sweep with one secondary family
+    reads them (`orchestration.summary.MetricFamily`): each metric's pairs are a family of their own,
+    paired and Holm-adjusted at α apart from the other's. Every point is equal on both metrics; the two
+    metrics of one trial are correlated with `metric_correlation` (a model's probe and its FID move
+    together), each correlated across the points of a seed with `correlation` as in `simulate`
+    (normal noise: second = r first + √(1 - r²) independent, which keeps ρ across points).
+
+    Returns shares of the `sims` sweeps with >= 1 pair called DIFFERENT: `first` and `second` (each
+    family's FWER, at most α each), `either` (in one family or the other: at most 2α, since the
+    guarantee is per family; equal to `first` when the metrics are identical, r = 1), and sims."""
+    _check_simulation(n_points, n_seeds, 0.0, "normal", correlation, sims)
+    _check_level(alpha, "alpha")
+    if not -1 <= metric_correlation <= 1:
+        raise ValueError(f"metric_correlation must be in [-1, 1], got {metric_correlation!r}")
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    shape = (sims, n_points, n_seeds)
+    first = _noise(rng, "normal", correlation, shape)
+    second = metric_correlation * first + math.sqrt(1 - metric_correlation ** 2) * _noise(rng, "normal", correlation, shape)
+    pairs = list(combinations(range(n_points), 2))
+    found = [_rejected(_simulated_family(v, pairs, blocked=True, holm=True, equivalence=None)[0], 1.0, alpha)[0].any(axis=1)
+             for v in (first, second)]
+    return {"first": float(found[0].mean()), "second": float(found[1].mean()),
+            "either": float((found[0] | found[1]).mean()), "sims": float(sims)}
+
+
 # --- one comparison ----------------------------------------------------------------------------------
 
 

@@ -38,11 +38,11 @@ CELLS = [
         "print(f'study {study.name}: {len(study.trials)} trials, {len(points)} grid points, axes {study.axes or list(study.spec.get(\"search\") or {})}')\n"
         "display(Markdown(report.summary_markdown(study, summary)))  # points, verdicts, every pair"
     ),
-    new_markdown_cell("## The objective against each swept axis"),
+    new_markdown_cell("## The objective (and each secondary family's metric) against each swept axis"),
     new_code_cell(
         "for axis in ([] if study.is_search else study.axes):\n"
         "    path = figures / f'axis-{axis}.png'\n"
-        "    report.draw_axis_figure(study, points, axis, path)\n"
+        "    report.draw_axis_figure(study, points, axis, path, summary.secondary)  # a panel per secondary family\n"
         "    display(Image(filename=str(path)))"
     ),
     new_markdown_cell("## Samples of every grid point (seed 0, end of training)"),
@@ -77,10 +77,11 @@ CELLS = [
         "table = client.load_table(parent.info.experiment_id, TABLE_ARTIFACT, run_ids=[parent_id])\n"
         "for _, row in table.iterrows():  # mean ± half-width of the 95 % interval\n"
         "    shown = [f'{name} {format_estimate(est)}' for name, est in estimates_from_row(row.to_dict()).items()]\n"
-        "    print(f\"{row['point']} (n={row['n_seeds']}):\", '; '.join(shown), '|', row['verdict'])\n"
+        "    families = [f'| {k[len(\"verdict \"):]}: {row[k]}' for k in table.columns if k.startswith('verdict ')]  # sweep.secondary\n"
+        "    print(f\"{row['point']} (n={row['n_seeds']}):\", '; '.join(shown), '|', row['verdict'], *families)\n"
         "if len(table) > 1:\n"
         "    pairs = client.load_table(parent.info.experiment_id, COMPARISONS_ARTIFACT, run_ids=[parent_id])\n"
-        "    display(pairs[['a', 'b', 'test', 'difference', 'correlation', 'p_adjusted', 'verdict', 'detectable', 'seeds_needed']])\n"
+        "    display(pairs[['metric', 'a', 'b', 'test', 'difference', 'correlation', 'p_adjusted', 'verdict', 'detectable', 'seeds_needed']])\n"
         "print('compare the runs in MLflow:', parent.data.tags.get('lightning_mim.compare_url', '(no finished child yet)'))"
     ),
     new_markdown_cell("## The schedules γ(r)"),

@@ -59,9 +59,10 @@ def _child_runs(home: Path, parent_id: str):
 
 @pytest.fixture(scope="module")
 def grid_sweep(tmp_path_factory, tiny_stage2_overrides):
-    """A 2-point x 2-seed sweep (schedule, sweep.seeds=2), run once; other tests read its results."""
+    """A 2-point x 2-seed sweep (schedule, sweep.seeds=2) with CAS as a second family of tests, run once;
+    other tests read its results."""
     home = tmp_path_factory.mktemp("sweep-2x2")
-    args = ["schedule=cosine,sqrt", "sweep.seeds=2", *tiny_stage2_overrides]
+    args = ["schedule=cosine,sqrt", "sweep.seeds=2", "sweep.secondary=val/cas:maximize:0.05", *tiny_stage2_overrides]
     proc = run_module("lightning_mim.sweep", args, home)
     return home, args, proc
 
@@ -186,6 +187,8 @@ def test_readmes_notebook_command_shows_the_latest_sweep_with_no_settings(grid_s
     for line in _point_lines(home, study):  # the same numbers as the sweep's console table
         assert line in outputs, line
     assert "compare the runs in MLflow: http://127.0.0.1:5000/#/compare-runs?runs=" in outputs
+    assert "## Second family of tests: val/cas (maximize)" in outputs  # sweep.secondary's family
+    assert "| val/cas: " in outputs  # its verdicts read back from the parent run's points.json
 
 
 def _point_lines(home: Path, study) -> list[str]:
@@ -228,11 +231,24 @@ def test_console_table_and_mlflow_parent_run_agree(grid_sweep):
     worse = next(r for r in rows if r["verdict"] != "best")
     assert 0 <= worse["p_vs_best"] <= 1 and f"{worse['verdict']} (p={worse['p_vs_best']:.2g}, paired)" in proc.stdout
     assert "mean ± 95 % CI over seeds" in proc.stdout
-    # every pair on the parent run too, with the options the verdicts were read with
+    # every pair on the parent run too, with the options the verdicts were read with: the objective's
+    # family, then the second family's (sweep.secondary=val/cas:maximize:0.05), each Holm on its own
     path = client.download_artifacts(parent, "comparisons.json", str(home / "dl-pairs"))
-    (pair,) = rows_from_table_artifact(json.loads(Path(path).read_text()))
+    pair, cas_pair = rows_from_table_artifact(json.loads(Path(path).read_text()))
+    assert pair["metric"] == "val/fid_domain" and pair["equivalence"] is None
     assert pair["test"] == "paired" and pair["p_adjusted"] == pytest.approx(worse["p_vs_best"]) and pair["alpha"] == 0.05
     assert "Holm-adjusted" in proc.stdout and pair["verdict"] in proc.stdout
+    assert cas_pair["metric"] == "val/cas" and cas_pair["equivalence"] == 0.05 and cas_pair["test"] == "paired"
+    cas = {r["schedule"]: [t.user_attrs["metrics"]["val/cas"] for t in trials if t.params["schedule"] == r["schedule"]]
+           for r in rows}
+    assert cas_pair["difference"] == pytest.approx(sum(cas[cas_pair["a"].split("=")[1]]) / 2 - sum(cas[cas_pair["b"].split("=")[1]]) / 2)
+    assert {r["verdict val/cas"] for r in rows} <= {"best", "worse than best", "not distinguished from best",
+                                                    "equivalent to best"} and "best" in {r["verdict val/cas"] for r in rows}
+    assert client.get_run(parent).data.tags["sweep.secondary"] == "val/cas:maximize:0.05"
+    flat = " ".join(proc.stdout.split())
+    assert "second family of tests: val/cas (maximize)" in flat and "within ±0.05 by two one-sided tests" in flat
+    summary_md = (home / "sweeps" / study.study_name / "report" / "summary.md").read_text()
+    assert "## Second family of tests: val/cas (maximize)" in summary_md
 
 
 # One kill per run of the same command, each at the first time the sweep reaches that phase, in the

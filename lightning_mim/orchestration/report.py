@@ -4,9 +4,10 @@ Written at the end of every sweep (and on demand for any finished study; the lat
 is named) under `<home>/sweeps/<study>/report/`, and logged to the sweep's MLflow parent run under
 `report/`:
 
-- `axis-<key>.png`, one per swept axis of a grid: the objective (and CAS or FID beside it) against
-  that axis, one series per value of the other axes: every seed's value as a dot, the dots of one seed
-  joined across the axis (the blocked design: seed i of every point shares its initial weights, data
+- `axis-<key>.png`, one per swept axis of a grid: the objective (and CAS or FID beside it; with
+  `sweep.secondary`, each secondary family's metric with that family's verdicts) against that axis,
+  one series per value of the other axes: every seed's value as a dot, the dots of one seed joined
+  across the axis (the blocked design: seed i of every point shares its initial weights, data
   order and evaluation draws), the mean with its 95 % interval over seeds (a line and a band for
   numeric axes such as `decode.steps`, a bar and whiskers for categorical ones such as `schedule`),
   each point's verdict written beside it; the objective's axis is not forced to start at zero;
@@ -41,9 +42,11 @@ from lightning_mim.sequential import RoundState
 from lightning_mim.statistics import Estimate
 from lightning_mim.orchestration.summary import (
     PARENT_ATTR,
+    REPORTED_METRICS,
     TRACKING_ATTR,
     comparison_columns,
     SEED_KEY,
+    MetricFamily,
     PointSummary,
     ProtocolMismatch,
     SweepSummary,
@@ -97,11 +100,17 @@ class Study:
         """How the sweep read its comparisons (`sweep.alpha`, `sweep.equivalence`, `sweep.effect`)."""
         return VerdictOptions(**(self.spec.get("verdicts") or {}))
 
+    @property
+    def secondary(self) -> list[MetricFamily]:
+        """The metrics whose comparisons are families of their own (`sweep.secondary`)."""
+        return [MetricFamily(**family) for family in self.spec.get("secondary") or []]
+
     def summary(self) -> SweepSummary:
-        """The sweep's table and verdicts (an adaptive sweep's: its rounds' last decisions)."""
+        """The sweep's table and verdicts (an adaptive sweep's: its rounds' last decisions), with a
+        summary per secondary family in `.secondary`."""
         rounds = self.rounds()
         return summarize(outcomes_from_optuna(self.trials), self.objective, self.direction, options=self.verdict_options,
-                         rounds=rounds[-1] if rounds else None)
+                         rounds=rounds[-1] if rounds else None, secondary=self.secondary)
 
     def rounds(self) -> list[RoundState]:
         """An adaptive sweep's decisions, round by round (empty when its seeds were fixed)."""
@@ -206,11 +215,28 @@ def axis_series(study: Study, points: Sequence[PointSummary], axis: str, metric:
     return {label: series[label] for label in sorted(series, key=lambda label: (ranks[label], label))}
 
 
-def _panel_metrics(study: Study, points: Sequence[PointSummary]) -> list[str]:
-    """The objective, then CAS (or FID when CAS is the objective) when the trials report it."""
+@dataclass(frozen=True)
+class Panel:
+    """One panel of an axis figure: `metric` drawn from `points`, better when it goes `direction`;
+    `verdicts`: whether the points' verdicts (their family's) are written beside them."""
+
+    metric: str
+    points: Sequence[PointSummary]
+    direction: str
+    verdicts: bool
+
+
+def _panels(study: Study, points: Sequence[PointSummary], secondary: Sequence[SweepSummary]) -> list[Panel]:
+    """The objective with its verdicts, then each secondary family's metric with that family's verdicts;
+    without secondary families, CAS (or FID when CAS is the objective) beside it when the trials report it."""
+    verdicts = len(points) > 1
+    panels = [Panel(study.objective, points, study.direction, verdicts)]
+    if secondary:
+        return panels + [Panel(f.objective, f.points, f.direction, len(f.points) > 1) for f in secondary]
     companion = next((m for m in ("val/cas", "val/fid_domain") if m != study.objective), None)
-    present = companion is not None and any(companion in p.estimates for p in points)
-    return [study.objective, *([companion] if present else [])]
+    if companion is not None and any(companion in p.estimates for p in points):
+        panels.append(Panel(companion, points, "minimize" if "fid" in companion else "maximize", False))
+    return panels
 
 
 def _fit_title(fig, title: str, fontsize: float = 9) -> None:
@@ -226,22 +252,27 @@ def _fit_title(fig, title: str, fontsize: float = 9) -> None:
         text.set_text(textwrap.fill(title, width))
 
 
-def draw_axis_figure(study: Study, points: Sequence[PointSummary], axis: str, path: Path):
-    """The figure of `axis` (see the module docstring), saved to `path`; returns the matplotlib figure."""
+def draw_axis_figure(study: Study, points: Sequence[PointSummary], axis: str, path: Path,
+                     secondary: Sequence[SweepSummary] = ()):
+    """The figure of `axis` (see the module docstring), saved to `path`; returns the matplotlib figure.
+    `secondary`: the summaries of the sweep's secondary families (`SweepSummary.secondary`), a panel
+    each with that family's verdicts."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = _panel_metrics(study, points)
+    panels = _panels(study, points, secondary)
+    metrics = [panel.metric for panel in panels]
     values = study.axis_values(axis)
     numeric = _numeric(values)
-    fig, panels = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.6), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.6), squeeze=False, layout="constrained")
     counts = sorted({len(p.seeds) for p in points}) or [1]
     seeds = counts[-1]
     seeds_text = f"{counts[0]}–{counts[-1]}" if len(counts) > 1 else str(seeds)  # seeds=auto: points differ
-    for ax, metric in zip(panels[0], metrics):
-        series = axis_series(study, points, axis, metric)
+    for ax, panel in zip(axes[0], panels):
+        metric = panel.metric
+        series = axis_series(study, panel.points, axis, metric)
         shift = 0.0 if numeric else 0.8 / max(1, len(series))
         for index, (label, cells) in enumerate(series.items()):
             color = f"C{index % 10}"
@@ -257,7 +288,7 @@ def draw_axis_figure(study: Study, points: Sequence[PointSummary], axis: str, pa
                 ax.fill_between(xs, [m - h for m, h in zip(means, half)], [m + h for m, h in zip(means, half)], color=color, alpha=0.15)
             else:
                 ax.errorbar(xs, means, yerr=half, fmt="_", markersize=16, color=color, capsize=4, linewidth=2, label=shown)
-            if metric == study.objective and len(points) > 1:  # the verdicts are the objective's
+            if panel.verdicts:  # each family's own verdicts
                 for x, cell in zip(xs, cells):
                     ax.annotate(cell.verdict, (x, cell.estimate.mean), textcoords="offset points", xytext=(7, 3),
                                 fontsize=7, color=color)
@@ -265,8 +296,7 @@ def draw_axis_figure(study: Study, points: Sequence[PointSummary], axis: str, pa
             ax.set_xticks(range(len(values)), values)
             ax.set_xlim(-0.6, len(values) - 0.4)
         ax.set_xlabel(axis)
-        better = "↓" if (metric == study.objective and study.direction == "minimize") or "fid" in metric or "loss" in metric else "↑"
-        ax.set_ylabel(f"{metric} {better}")
+        ax.set_ylabel(f"{metric} {'↓' if panel.direction == 'minimize' else '↑'}")
         ax.legend(fontsize=8, title=", ".join(a for a in study.axes if a != axis) or None)
     title = f"{study.name}: {', '.join(metrics)} vs {axis}"
     if seeds > 1:
@@ -356,26 +386,37 @@ def draw_optuna_plots(study: Study, directory: Path) -> list[Path]:
 # -- the table and the whole report --------------------------------------------------------------------
 def summary_markdown(study: Study, summary: SweepSummary) -> str:
     """The per-point table and every comparison, as the console prints them (`summary.point_cells`,
-    `summary.comparison_cells`)."""
+    `summary.comparison_cells`); then the same for each secondary family, with its metric only."""
     axes = study.axes or sorted({k for p in summary.points for k in p.params})
-    columns, metrics = point_columns(summary, axes)
+    lines = [f"# {study.name}: {study.objective} ({study.direction})", "",
+             "mean ± half-width of the 95 % interval over seeds (Student t)", ""]
+    lines += _family_markdown(summary, axes, "## Comparisons: ")
+    for family in summary.secondary:
+        lines += ["", f"## Second family of tests: {family.objective} ({family.direction})", ""]
+        lines += _family_markdown(family, axes, "Comparisons: ", reported=())
+    rounds = study.rounds()
+    if rounds:
+        lines += ["", "## Rounds (sweep.seeds=auto)", "", *(f"- {round_line(r)}" for r in rounds)]
+    return "\n".join(lines) + "\n"
+
+
+def _family_markdown(summary: SweepSummary, axes: Sequence[str], heading: str,
+                     reported: Sequence[str] = REPORTED_METRICS) -> list[str]:
+    """One family's markdown: its per-point table, its comparisons under `heading` + the legend, and
+    its evaluation-noise line; `reported`: the metrics shown beside the family's own."""
 
     def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
         return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
                 *("| " + " | ".join(cells) + " |" for cells in rows)]
 
-    lines = [f"# {study.name}: {study.objective} ({study.direction})", "",
-             "mean ± half-width of the 95 % interval over seeds (Student t)", ""]
-    lines += table(columns, [point_cells(p, axes, metrics) for p in summary.points])
+    columns, metrics = point_columns(summary, axes, reported)
+    lines = table(columns, [point_cells(p, axes, metrics) for p in summary.points])
     if summary.comparisons:
-        lines += ["", f"## Comparisons: {summary.legend()}", ""]
+        lines += ["", f"{heading}{summary.legend()}", ""]
         lines += table(comparison_columns(summary), [comparison_cells(c) for c in summary.comparisons])
     if summary.noise_line():
         lines += ["", summary.noise_line()]
-    rounds = study.rounds()
-    if rounds:
-        lines += ["", "## Rounds (sweep.seeds=auto)", "", *(f"- {round_line(r)}" for r in rounds)]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write_report(study: Study) -> list[Path]:
@@ -395,7 +436,7 @@ def write_report(study: Study) -> list[Path]:
     if points and not study.is_search:
         for axis in study.axes:
             path = directory / f"axis-{axis}.png"
-            draw_axis_figure(study, points, axis, path)
+            draw_axis_figure(study, points, axis, path, summary.secondary)
             written.append(path)
     grids = sample_grids(study)
     if grids:

@@ -8,6 +8,12 @@ within `sweep.equivalence` by two one-sided tests; the seeds a comparison still 
 One function, `summarize`, computes what the console table (`sweep_console.print_summary`), the MLflow
 parent run (`log_to_parent`), the report and the notebook show, so they agree by construction; the
 cells are formatted once here (`point_cells`, `comparison_cells`).
+
+A sweep may name metrics besides its objective whose comparisons are a family of tests of their own
+(`MetricFamily`, `sweep.secondary`: MAGE's ratio ablation reads the probe and, second, FID): each such
+family is read like the objective's, Holm over its own pairs at the same α with its own equivalence
+margin, so the family-wise error rate is α per family (the families are reported apart, never merged
+into one verdict).
 """
 
 from __future__ import annotations
@@ -65,6 +71,50 @@ class VerdictOptions:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"sweep.{name}={value}: must be a number > 0 (objective units)")
+
+
+@dataclass(frozen=True)
+class MetricFamily:
+    """A metric whose comparisons are a family of tests of their own (`sweep.secondary`): its name, the
+    direction that is better, and its equivalence margin in its own units (None: no equivalence tests).
+    Written `METRIC:DIRECTION[:MARGIN]` on the command line (`val/fid_domain:minimize:1.0`)."""
+
+    metric: str
+    direction: str = "minimize"
+    equivalence: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.metric:
+            raise ValueError("no metric name")
+        if self.direction not in ("minimize", "maximize"):
+            raise ValueError(f"{self.metric}'s direction {self.direction!r} must be minimize or maximize")
+        if self.equivalence is not None:
+            margin = float(self.equivalence)
+            if not (math.isfinite(margin) and margin > 0):
+                raise ValueError(f"{self.metric}'s margin {self.equivalence} must be a number > 0 (its own units)")
+            object.__setattr__(self, "equivalence", margin)
+
+    @classmethod
+    def parse(cls, text: str) -> "MetricFamily":
+        """`val/fid_domain:minimize:1.0` (or without the margin, or without both: minimize, no margin);
+        ValueError naming what is wrong."""
+        parts = str(text).split(":")
+        if len(parts) > 3:
+            raise ValueError(f"{text!r} has {len(parts)} parts")
+        margin = None
+        if len(parts) == 3:
+            try:
+                margin = float(parts[2])
+            except ValueError:
+                raise ValueError(f"the margin {parts[2]!r} is not a number") from None
+        return cls(parts[0], parts[1] if len(parts) > 1 else "minimize", margin)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "direction": self.direction, "equivalence": self.equivalence}
+
+    def text(self) -> str:
+        """`val/fid_domain:minimize:1` — what `parse` reads back."""
+        return f"{self.metric}:{self.direction}" + ("" if self.equivalence is None else f":{self.equivalence:g}")
 
 
 @dataclass(frozen=True)
@@ -133,10 +183,16 @@ class SweepSummary:
     comparisons: list[Comparison]
     noise: NoiseShare | None = None  # evaluation noise against the seeds' spread (`evaluation.second_draw`)
     rounds: RoundState | None = None  # `sweep.seeds=auto`: the last round's decisions, which the verdicts are
+    secondary: tuple["SweepSummary", ...] = ()  # one summary per `MetricFamily` of `sweep.secondary`, in its order
 
     @property
     def sequential(self) -> bool:
         return self.rounds is not None
+
+    @property
+    def family(self) -> MetricFamily:
+        """The metric these verdicts are about, its direction and margin."""
+        return MetricFamily(self.objective, self.direction, self.options.equivalence)
 
     def legend(self) -> str:
         """How the verdicts were reached, for a table's title."""
@@ -197,11 +253,13 @@ def summarize(
     metrics: Sequence[str] = REPORTED_METRICS,
     options: VerdictOptions = VerdictOptions(),
     rounds: RoundState | None = None,
+    secondary: Sequence[MetricFamily] = (),
 ) -> SweepSummary:
     """Pool the COMPLETE trials by grid point (params without `seed`), best point first, and compare
     every pair of points (`verdicts.compare_all`, blocked by seed). With `rounds` (an adaptive sweep's
     last decisions) the verdicts are the sequential design's (`sequential_comparisons`), the intervals,
-    differences and correlations those of every seed in.
+    differences and correlations those of every seed in. Each of `secondary` is summarized the same way
+    as a family of its own (`family_outcomes`; at `options.alpha`, with its own margin), in `.secondary`.
 
     Per point: an Estimate of the objective (the trial's recorded metric of that name, else its Optuna
     value) and of every metric in `metrics` that its trials report. The best point has the best mean
@@ -210,6 +268,13 @@ def summarize(
     """
     if direction not in ("minimize", "maximize"):
         raise ValueError(f"direction must be minimize or maximize, got {direction!r}")
+    problem = secondary_problem(objective, secondary, adaptive=rounds is not None)
+    if problem:
+        raise ValueError(f"secondary families {[f.metric for f in secondary]}: {problem}")
+    families = tuple(
+        summarize(family_outcomes(outcomes, family.metric), family.metric, family.direction, metrics=(),
+                  options=VerdictOptions(options.alpha, family.equivalence))
+        for family in secondary)
     groups: dict[tuple, list[TrialOutcome]] = {}
     for outcome in outcomes:
         if outcome.state != "COMPLETE" or outcome.value is None or not math.isfinite(outcome.value):
@@ -255,7 +320,26 @@ def summarize(
     draws = [(float(o.metrics.get(objective, o.value)), float(o.metrics[objective + SECOND_DRAW_SUFFIX]))
              for members in groups.values() for o in members if objective + SECOND_DRAW_SUFFIX in o.metrics]
     noise = evaluation_noise(draws, [p[2][objective] for p in pooled])
-    return SweepSummary(objective, direction, options, points, comparisons, noise, rounds)
+    return SweepSummary(objective, direction, options, points, comparisons, noise, rounds, families)
+
+
+def secondary_problem(objective: str, secondary: Sequence[MetricFamily], adaptive: bool) -> str | None:
+    """Why `secondary` cannot be read beside `objective` (None: it can): each metric once and none the
+    objective; and fixed seeds — `sweep.seeds=auto` adds seeds for the objective's comparisons only, so
+    another metric's tests, read at a sample size the objective's chose, would not keep their error rate."""
+    names = [family.metric for family in secondary]
+    if objective in names or len(set(names)) < len(names):
+        return f"each metric once, and not the objective ({objective})"
+    if names and adaptive:
+        return ("with sweep.seeds=auto the rounds add seeds for the objective's comparisons only; "
+                "use fixed seeds or sweep.secondary=none")
+    return None
+
+
+def family_outcomes(outcomes: Sequence[TrialOutcome], metric: str) -> list[TrialOutcome]:
+    """`outcomes` as a family on `metric` reads them: each trial's value is its recorded `metric` (a
+    trial that did not record it has none, so it is left out of that family's points)."""
+    return [replace(o, value=o.metrics.get(metric)) for o in outcomes]
 
 
 def latest_round(user_attrs: Mapping[str, Any]) -> RoundState | None:
@@ -374,10 +458,11 @@ def p_cell(comparison: Comparison) -> str:
             + (f"< {comparison.nominal_level:.2g}" if decided else f"needed < {comparison.nominal_level:.2g}"))
 
 
-def point_columns(summary: SweepSummary, axes: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(columns, metrics shown) of the per-point table: the axes, seeds, the objective and the other
-    reported metrics present, the verdict."""
-    metrics = [summary.objective, *(m for m in REPORTED_METRICS if m != summary.objective)]
+def point_columns(summary: SweepSummary, axes: Sequence[str],
+                  reported: Sequence[str] = REPORTED_METRICS) -> tuple[list[str], list[str]]:
+    """(columns, metrics shown) of the per-point table: the axes, seeds, the objective and those of
+    `reported` present, the verdict."""
+    metrics = [summary.objective, *(m for m in reported if m != summary.objective)]
     metrics = [m for m in metrics if any(m in p.estimates for p in summary.points)] or [summary.objective]
     return [*axes, "seeds", *metrics, "verdict (Holm-adjusted p)"], metrics
 
@@ -433,7 +518,8 @@ def shown_comparisons(summary: SweepSummary) -> list[Comparison]:
 def table_rows(summary: SweepSummary) -> list[dict[str, Any]]:
     """One plain row per point (the MLflow table artifact and the notebook read these columns):
     the params, `n_seeds`, `<metric> mean / ci_low / ci_high` for every estimate, `verdict`,
-    `p_vs_best` (Holm-adjusted; None for the best point), `test` (paired / welch)."""
+    `p_vs_best` (Holm-adjusted; None for the best point), `test` (paired / welch); per secondary
+    family, `verdict <metric>` and `p_vs_best <metric>` (its own family's)."""
     rows = []
     for point in summary.points:
         row: dict[str, Any] = {**point.params, "point": point.label(), "n_seeds": len(point.values[summary.objective])}
@@ -444,17 +530,25 @@ def table_rows(summary: SweepSummary) -> list[dict[str, Any]]:
         row["verdict"] = point.verdict
         row["p_vs_best"] = point.p_vs_best
         row["test"] = point.test
+        for family in summary.secondary:  # `verdict val/fid_domain`, `p_vs_best val/fid_domain`
+            other = next((p for p in family.points if p.params == point.params), None)
+            row[f"verdict {family.objective}"] = None if other is None else other.verdict
+            row[f"p_vs_best {family.objective}"] = None if other is None else other.p_vs_best
         rows.append(row)
     return rows
 
 
 def comparison_rows(summary: SweepSummary) -> list[dict[str, Any]]:
-    """Every comparison as a plain row (`comparisons.json` on the parent run): all of `Comparison`'s
-    fields, plus the options the verdicts were read with."""
+    """Every comparison as a plain row (`comparisons.json` on the parent run): the `metric` compared
+    (the objective's family first, then each secondary family's), all of `Comparison`'s fields, plus
+    the options the verdicts were read with."""
     from dataclasses import asdict
 
-    extra = {"alpha": summary.options.alpha, "equivalence": summary.options.equivalence, "effect": summary.options.effect}
-    return [{**asdict(c), **extra} for c in summary.comparisons]
+    rows = []
+    for family in (summary, *summary.secondary):
+        extra = {"alpha": family.options.alpha, "equivalence": family.options.equivalence, "effect": family.options.effect}
+        rows += [{"metric": family.objective, **asdict(c), **extra} for c in family.comparisons]
+    return rows
 
 
 def metric_key(*parts: str) -> str:
@@ -462,11 +556,17 @@ def metric_key(*parts: str) -> str:
     return "/".join(_UNSAFE.sub("_", p) for p in parts)
 
 
+def _metric_label(params: Mapping[str, str]) -> str:
+    """A point in flat metric names: `schedule_cosine` (`all` for no params)."""
+    return "_".join(f"{k}_{v}" for k, v in sorted(params.items())) or "all"
+
+
 def parent_metrics(summary: SweepSummary) -> dict[str, float]:
-    """Per-point aggregates as flat MLflow metrics: mean, ci_low, ci_high, n, p_vs_best (Holm-adjusted)."""
+    """Per-point aggregates as flat MLflow metrics: mean, ci_low, ci_high, n, p_vs_best (Holm-adjusted;
+    a secondary family's under its metric's name)."""
     out: dict[str, float] = {}
     for point in summary.points:
-        label = "_".join(f"{k}_{v}" for k, v in sorted(point.params.items())) or "all"
+        label = _metric_label(point.params)
         for name, estimate in point.estimates.items():
             out[metric_key("point", label, name, "mean")] = estimate.mean
             if estimate.low is not None:
@@ -475,6 +575,10 @@ def parent_metrics(summary: SweepSummary) -> dict[str, float]:
         out[metric_key("point", label, "n_seeds")] = float(len(next(iter(point.values.values()))))
         if point.p_vs_best is not None:
             out[metric_key("point", label, "p_vs_best")] = point.p_vs_best
+    for family in summary.secondary:  # `point/<label>/val/fid_domain/p_vs_best`: that family's Holm-adjusted p
+        for point in family.points:
+            if point.p_vs_best is not None:
+                out[metric_key("point", _metric_label(point.params), family.objective, "p_vs_best")] = point.p_vs_best
     if summary.noise is not None:
         out["evaluation_noise/variance"] = summary.noise.evaluation_variance
         if summary.noise.share is not None:
@@ -507,6 +611,8 @@ def log_to_parent(client, run_id: str, summary: SweepSummary) -> None:
     for key, value in {"alpha": summary.options.alpha, "equivalence": summary.options.equivalence,
                        "effect": summary.options.effect}.items():
         client.set_tag(run_id, f"sweep.{key}", str(value))  # tags: a resumed sweep may read them otherwise
+    if summary.secondary:
+        client.set_tag(run_id, "sweep.secondary", " ".join(f.family.text() for f in summary.secondary))
     logged = json.loads(client.get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
     for name, rows in ((TABLE_ARTIFACT, table_rows(summary)), (COMPARISONS_ARTIFACT, comparison_rows(summary))):
         if not rows:

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from lightning_mim.orchestration.protocol import PROGRESS_FILE, read_progress
 from lightning_mim.orchestration.summary import (
+    REPORTED_METRICS,
     SEED_KEY,
     ProtocolMismatch,
     SweepSummary,
@@ -141,37 +142,22 @@ def print_summary(spec: SweepSpec, study_name: str, storage_url: str, trials: Se
     would need), the trials that did not complete, and how to open the runs in MLflow (`runs`: the
     sweep's `SweepRuns`); `rounds`: an adaptive sweep's last decisions, which the verdicts then are."""
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 200)  # logs and CI: don't squash columns
     outcomes = outcomes_from_optuna(trials)
     try:
-        summary = summarize(outcomes, spec.objective, spec.direction, options=spec.verdict_options(), rounds=rounds)
+        summary = summarize(outcomes, spec.objective, spec.direction, options=spec.verdict_options(), rounds=rounds,
+                            secondary=spec.secondary)
     except ProtocolMismatch as err:
         print(f"no table: {err}")
         summary = SweepSummary(spec.objective, spec.direction, spec.verdict_options(), [], [])
     points = summary.points
     axes = sorted({k for o in outcomes for k in o.params if k != SEED_KEY})
-    columns, shown = point_columns(summary, axes)
-    table = Table(title=f"sweep {study_name} — {spec.objective} ({spec.direction}); mean ± 95 % CI over seeds (Student t)")
-    for column in columns:
-        table.add_column(column, justify="left" if column in axes else "right")
-    for point in points:
-        table.add_row(*point_cells(point, axes, shown))
-    if points:
-        console.print(table)
-    if summary.comparisons:
-        pairs = shown_comparisons(summary)
-        comparisons = Table(title=f"comparisons: {summary.legend()}"
-                            + ("" if len(pairs) == len(summary.comparisons) else
-                               f" (the {len(pairs)} with the best point shown; all {len(summary.comparisons)} in the report)"))
-        for column in comparison_columns(summary):
-            comparisons.add_column(column, justify="left" if column in ("a", "b", "verdict") else "right")
-        for comparison in pairs:
-            comparisons.add_row(*comparison_cells(comparison))
-        console.print(comparisons)
-    if summary.noise_line():
-        print(summary.noise_line())
+    _print_family(console, summary, axes, f"sweep {study_name} — {spec.objective} ({spec.direction}); "
+                  "mean ± 95 % CI over seeds (Student t)")
+    for family in summary.secondary:
+        _print_family(console, family, axes, f"second family of tests: {family.objective} ({family.direction}); "
+                      "mean ± 95 % CI over seeds", reported=())
     if points and all(len(p.values[spec.objective]) < 2 for p in points):
         print("one seed per point: no interval and no test (run sweep.seeds=3 before reading small differences)")
     # plain prints: commands and URLs must stay on one line to be copy-pasted (rich wraps them)
@@ -192,6 +178,34 @@ def print_summary(spec: SweepSpec, study_name: str, storage_url: str, trials: Se
         if children:
             print(f"compare:    {compare_runs_url(runs.tracking_uri, children, [runs.experiment_id])}")
     print(f"study: {study_name} in {redacted(storage_url)} (rerun the same command to resume)")
+
+
+def _print_family(console, summary: SweepSummary, axes: Sequence[str], title: str,
+                  reported: Sequence[str] = REPORTED_METRICS) -> None:
+    """One family's tables under `title`: a row per point (its metric and those of `reported`, its
+    verdict), every pair compared (or those with the best point beyond MAX_PAIRS_SHOWN), the noise line."""
+    from rich.table import Table
+
+    columns, shown = point_columns(summary, axes, reported)
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="left" if column in axes else "right")
+    for point in summary.points:
+        table.add_row(*point_cells(point, axes, shown))
+    if summary.points:
+        console.print(table)
+    if summary.comparisons:
+        pairs = shown_comparisons(summary)
+        comparisons = Table(title=f"comparisons: {summary.legend()}"
+                            + ("" if len(pairs) == len(summary.comparisons) else
+                               f" (the {len(pairs)} with the best point shown; all {len(summary.comparisons)} in the report)"))
+        for column in comparison_columns(summary):
+            comparisons.add_column(column, justify="left" if column in ("a", "b", "verdict") else "right")
+        for comparison in pairs:
+            comparisons.add_row(*comparison_cells(comparison))
+        console.print(comparisons)
+    if summary.noise_line():
+        print(summary.noise_line())
 
 
 def write_sweep_report(home: Path, study_name: str, tracking_uri: str | None) -> None:

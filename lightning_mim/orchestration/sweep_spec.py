@@ -24,7 +24,7 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSw
 from lightning_mim.orchestration.config import ConfigError, parse_overrides, sweeps_dir
 from lightning_mim.orchestration.launchers import LAUNCHERS
 from lightning_mim.orchestration.pruning import PRUNERS
-from lightning_mim.orchestration.summary import VerdictOptions
+from lightning_mim.orchestration.summary import MetricFamily, VerdictOptions, secondary_problem
 from lightning_mim.sequential import OBRIEN_FLEMING, SPENDINGS, SequentialDesign
 
 DIRECTIONS = ("minimize", "maximize")
@@ -66,6 +66,9 @@ class SweepSpec:
     alpha: float = 0.05
     equivalence: float | None = None
     effect: float | None = None
+    # Metrics whose comparisons are families of tests of their own (`sweep.secondary`, a named sweep's
+    # `secondary:` list): each read at `alpha` with its own margin, reported beside the objective's
+    secondary: list[MetricFamily] = field(default_factory=list)
     # An A/A design (`sweep.replicates=R`): every point R times as arms of their own, replicate r trained
     # with the seeds r·N .. r·N + N - 1 (N = sweep.seeds), so the arms share no seed and differ by chance only
     replicates: int = 1
@@ -339,12 +342,23 @@ def _apply_option(spec: SweepSpec, key: str, value: Any) -> None:
             spec.verdict_options()
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    elif key == "secondary":
+        texts = value if isinstance(value, list) else [value]
+        if [str(t) for t in texts] in (["none"], ["null"], [""]):
+            spec.secondary = []
+            return
+        try:
+            spec.secondary = [MetricFamily(**t) if isinstance(t, dict) else MetricFamily.parse(str(t)) for t in texts]
+        except (TypeError, ValueError) as err:
+            shown = ",".join(map(str, texts))
+            raise ConfigError(f"sweep.secondary={shown}: {err}; expected METRIC:DIRECTION[:MARGIN] "
+                              f"(e.g. val/fid_domain:minimize:1.0) or none") from None
     elif key == "inference_only":
         spec.inference_only = [str(v) for v in (value if isinstance(value, list) else str(value).split(","))]
     else:
         valid = ("objective, direction, n_trials, seeds, retries, jobs, pruner, intermediate_evals, inference_only, "
                  "launcher, submitit.KEY, storage, name, alpha, equivalence, effect, replicates, repeats, first_round, "
-                 "round_size, max_seeds, spending")
+                 "round_size, max_seeds, spending, secondary")
         raise ConfigError(f"unknown sweep option '{key}'; valid: {valid}")
 
 
@@ -376,6 +390,8 @@ def parse(args: Sequence[str]) -> SweepSpec:
         if "objective" in study:
             _apply_option(spec, "objective", study["objective"]["metric"])
             _apply_option(spec, "direction", study["objective"].get("direction", "minimize"))
+        if "secondary" in study:
+            _apply_option(spec, "secondary", study["secondary"] or "none")
         spec.description = study.get("description", "")
     lines += [a for a in args if not a.startswith("sweep=")]
     for override in parse_overrides(lines):
@@ -392,7 +408,16 @@ def parse(args: Sequence[str]) -> SweepSpec:
         else:
             spec.search[key] = _distribution(override)
             spec.grid.pop(key, None)
+    check_secondary(spec)
     return spec
+
+
+def check_secondary(spec: SweepSpec) -> None:
+    """ConfigError, in one line, when the secondary families cannot be read beside the objective
+    (`summary.secondary_problem`)."""
+    problem = secondary_problem(spec.objective, spec.secondary, spec.adaptive)
+    if problem:
+        raise ConfigError(f"sweep.secondary={','.join(f.text() for f in spec.secondary)}: {problem}")
 
 
 def search_space_for_tpe(spec: SweepSpec) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -417,5 +442,6 @@ def write_spec(spec: SweepSpec, path: Path) -> None:
         "inference_only": spec.inference_only,
         "storage": spec.storage,  # None: sqlite:///<home>/optuna.db
         "verdicts": {"alpha": spec.alpha, "equivalence": spec.equivalence, "effect": spec.effect},
+        "secondary": [family.to_dict() for family in spec.secondary],
     }
     path.write_text(yaml.safe_dump(data, sort_keys=False))
