@@ -194,6 +194,22 @@ def test_the_console_prints_the_second_family_after_the_objectives(tmp_path, cap
     assert second.index("schedule") < second.index("study: ")  # its tables come before the links
 
 
+def test_a_family_no_trial_recorded_says_so_with_the_names_recorded(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from lightning_mim.orchestration.sweep_console import print_summary
+
+    study = write_ratio_study(tmp_path / "home")
+    spec = sweep_spec.parse(["sweep=ratios", "sweep.secondary=val/fid:minimize"])  # misspelt
+    print_summary(spec, study.name, "sqlite:///x.db", study.trials, SimpleNamespace(tracking_uri=None))
+    out = capsys.readouterr().out
+    assert ("second family of tests: val/fid: no completed trial recorded it (recorded: val/fid_domain, "
+            "val/probe_top1)") in out
+    study.spec["secondary"] = [MetricFamily("val/fid", "minimize").to_dict()]
+    text = report.summary_markdown(study, study.summary())
+    assert text.rstrip().endswith("val/fid: no completed trial recorded it (recorded: val/fid_domain, val/probe_top1)")
+
+
 def test_each_family_keeps_its_error_rate_and_together_at_most_twice_it():
     """A/A sweeps of 4 points x 3 seeds with two metrics (`verdicts.simulate_families`). Measured (20 000
     sweeps, docs/SWEEPS.md): each family at or below α whatever the metrics' correlation; either

@@ -53,6 +53,7 @@ from lightning_mim.orchestration.summary import (
     VerdictOptions,
     comparison_cells,
     all_rounds,
+    missing_family_line,
     outcomes_from_optuna,
     round_line,
     point_cells,
@@ -393,6 +394,9 @@ def summary_markdown(study: Study, summary: SweepSummary) -> str:
     lines += _family_markdown(summary, axes, "## Comparisons: ")
     for family in summary.secondary:
         lines += ["", f"## Second family of tests: {family.objective} ({family.direction})", ""]
+        if summary.points and not family.points:
+            lines.append(missing_family_line(family.objective, outcomes_from_optuna(study.trials)))
+            continue
         lines += _family_markdown(family, axes, "Comparisons: ", reported=())
     rounds = study.rounds()
     if rounds:

@@ -336,6 +336,13 @@ def secondary_problem(objective: str, secondary: Sequence[MetricFamily], adaptiv
     return None
 
 
+def missing_family_line(metric: str, outcomes: Sequence[TrialOutcome]) -> str:
+    """Why a secondary family has no table: `val/fid: no completed trial recorded it (recorded: val/cas,
+    val/fid_domain)` — a misspelt `sweep.secondary` shows itself after the first trials."""
+    recorded = sorted({name for o in outcomes if o.state == "COMPLETE" for name in o.metrics})
+    return f"{metric}: no completed trial recorded it (recorded: {', '.join(recorded) or 'none'})"
+
+
 def family_outcomes(outcomes: Sequence[TrialOutcome], metric: str) -> list[TrialOutcome]:
     """`outcomes` as a family on `metric` reads them: each trial's value is its recorded `metric` (a
     trial that did not record it has none, so it is left out of that family's points)."""
