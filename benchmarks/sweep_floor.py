@@ -112,7 +112,7 @@ def digits_split(cfg) -> tuple[int, int]:
     return NUM_IMAGES - val, val
 
 
-def encoder_pass_flops(module, cfg, images: int, fn) -> int:
+def encoder_pass_flops(cfg, images: int, fn) -> int:
     """FLOPs of `fn(image chunk)` over `images` digits, counted on chunks of 256."""
     size, chunk = int(cfg.data.image_size), 256
     with torch.no_grad():
@@ -125,7 +125,7 @@ def evaluation_flops(module, cfg) -> tuple[int, str]:
     `evaluation.num_samples` sequences for a generator; the classifier over the val split for fine-tuning."""
     if is_classifier(module):
         _, val = digits_split(cfg)
-        return encoder_pass_flops(module, cfg, val, module), f"classifier over {val} val images"
+        return encoder_pass_flops(cfg, val, module), f"classifier over {val} val images"
     samples, decode_steps = int(cfg.evaluation.num_samples), int(cfg.decode.steps)
     tokens = torch.randint(0, module.layout.codebook_size, (samples, module.n_tokens))
     with torch.no_grad():
@@ -142,7 +142,7 @@ def probe_flops(module, cfg) -> tuple[int, int]:
         return 0, 0
     images = sum(min(n, int(limit)) if limit else n
                  for n, limit in zip(digits_split(cfg), (probe.get("max_train_samples"), probe.get("max_val_samples"))))
-    return encoder_pass_flops(module, cfg, images, module.encode_features), images
+    return encoder_pass_flops(cfg, images, module.encode_features), images
 
 
 def tokenizer_step(cfg) -> int:

@@ -53,7 +53,6 @@ from lightning_mim.orchestration.summary import (
     VerdictOptions,
     comparison_cells,
     all_rounds,
-    missing_family_line,
     outcomes_from_optuna,
     round_line,
     point_cells,
@@ -394,8 +393,8 @@ def summary_markdown(study: Study, summary: SweepSummary) -> str:
     lines += _family_markdown(summary, axes, "## Comparisons: ")
     for family in summary.secondary:
         lines += ["", f"## Second family of tests: {family.objective} ({family.direction})", ""]
-        if summary.points and not family.points:
-            lines.append(missing_family_line(family.objective, outcomes_from_optuna(study.trials)))
+        if family.missing:
+            lines.append(family.missing)
             continue
         lines += _family_markdown(family, axes, "Comparisons: ", reported=())
     rounds = study.rounds()

@@ -184,6 +184,7 @@ class SweepSummary:
     noise: NoiseShare | None = None  # evaluation noise against the seeds' spread (`evaluation.second_draw`)
     rounds: RoundState | None = None  # `sweep.seeds=auto`: the last round's decisions, which the verdicts are
     secondary: tuple["SweepSummary", ...] = ()  # one summary per `MetricFamily` of `sweep.secondary`, in its order
+    missing: str | None = None  # a secondary family no completed trial recorded: why it has no table (`missing_family_line`)
 
     @property
     def sequential(self) -> bool:
@@ -259,7 +260,8 @@ def summarize(
     every pair of points (`verdicts.compare_all`, blocked by seed). With `rounds` (an adaptive sweep's
     last decisions) the verdicts are the sequential design's (`sequential_comparisons`), the intervals,
     differences and correlations those of every seed in. Each of `secondary` is summarized the same way
-    as a family of its own (`family_outcomes`; at `options.alpha`, with its own margin), in `.secondary`.
+    as a family of its own (`family_outcomes`; at `options.alpha`, with its own margin), in `.secondary`;
+    one that no completed trial recorded says so in its `.missing`.
 
     Per point: an Estimate of the objective (the trial's recorded metric of that name, else its Optuna
     value) and of every metric in `metrics` that its trials report. The best point has the best mean
@@ -271,10 +273,6 @@ def summarize(
     problem = secondary_problem(objective, secondary, adaptive=rounds is not None)
     if problem:
         raise ValueError(f"secondary families {[f.metric for f in secondary]}: {problem}")
-    families = tuple(
-        summarize(family_outcomes(outcomes, family.metric), family.metric, family.direction, metrics=(),
-                  options=VerdictOptions(options.alpha, family.equivalence))
-        for family in secondary)
     groups: dict[tuple, list[TrialOutcome]] = {}
     for outcome in outcomes:
         if outcome.state != "COMPLETE" or outcome.value is None or not math.isfinite(outcome.value):
@@ -320,7 +318,13 @@ def summarize(
     draws = [(float(o.metrics.get(objective, o.value)), float(o.metrics[objective + SECOND_DRAW_SUFFIX]))
              for members in groups.values() for o in members if objective + SECOND_DRAW_SUFFIX in o.metrics]
     noise = evaluation_noise(draws, [p[2][objective] for p in pooled])
-    return SweepSummary(objective, direction, options, points, comparisons, noise, rounds, families)
+    families = []
+    for family in secondary:
+        read = summarize(family_outcomes(outcomes, family.metric), family.metric, family.direction, metrics=(),
+                         options=VerdictOptions(options.alpha, family.equivalence))
+        families.append(replace(read, missing=missing_family_line(family.metric, outcomes)) if points and not read.points
+                        else read)
+    return SweepSummary(objective, direction, options, points, comparisons, noise, rounds, tuple(families))
 
 
 def secondary_problem(objective: str, secondary: Sequence[MetricFamily], adaptive: bool) -> str | None:

@@ -26,7 +26,6 @@ from lightning_mim.orchestration.summary import (
     SweepSummary,
     comparison_cells,
     comparison_columns,
-    missing_family_line,
     outcomes_from_optuna,
     point_cells,
     point_columns,
@@ -157,8 +156,8 @@ def print_summary(spec: SweepSpec, study_name: str, storage_url: str, trials: Se
     _print_family(console, summary, axes, f"sweep {study_name} — {spec.objective} ({spec.direction}); "
                   "mean ± 95 % CI over seeds (Student t)")
     for family in summary.secondary:
-        if points and not family.points:
-            print(f"second family of tests: {missing_family_line(family.objective, outcomes)}")
+        if family.missing:
+            print(f"second family of tests: {family.missing}")
             continue
         _print_family(console, family, axes, f"second family of tests: {family.objective} ({family.direction}); "
                       "mean ± 95 % CI over seeds", reported=())
