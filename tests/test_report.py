@@ -92,7 +92,7 @@ def test_the_report_draws_one_figure_per_axis_with_its_legend(grid_study):
     seed_lines = [line for line in fid_panel.get_lines() if line.get_alpha() == 0.35]
     assert len(seed_lines) == 2 * 2 and all(len(line.get_xdata()) == 3 for line in seed_lines)  # a seed across T
     assert fid_panel.get_ylim()[0] > 0  # not forced to start at zero
-    verdicts = {t.get_text() for t in fid_panel.texts}
+    verdicts = {" ".join(t.get_text().split()) for t in fid_panel.texts}  # wrapped: report.verdict_label
     assert verdicts == {p.verdict for p in points}  # every point's verdict written beside it
     schedule_figure = report.draw_axis_figure(study, points, "schedule", directory / "check2.png")
     legend = [t.get_text() for t in schedule_figure.axes[0].get_legend().get_texts()]

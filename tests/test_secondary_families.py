@@ -156,6 +156,36 @@ def write_ratio_study(home) -> report.Study:
     return report.find_study(home)
 
 
+def unwrapped(text) -> str:
+    """A figure's verdict label as one line (the figure wraps it: `report.verdict_label`)."""
+    return " ".join(text.get_text().split())
+
+
+def assert_labels_end_before_the_next_value(figure) -> None:
+    """Every verdict written beside a categorical point ends, in the drawn figure, before the x of the
+    next value's bar and inside its panel, and no two labels of a panel overlap."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)  # lay out (constrained) as savefig does
+    for panel in figure.axes:
+        step = panel.transData.transform((1, 0))[0] - panel.transData.transform((0, 0))[0]  # one value apart
+        labels = sorted(((panel.transData.transform(t.xy)[0], t.get_window_extent(renderer)) for t in panel.texts),
+                        key=lambda label: label[0])
+        assert len(labels) == 4
+        for (x, box), (_, after) in zip(labels, labels[1:]):
+            assert box.x1 < x + step and box.x1 < after.x0
+        assert labels[-1][1].x1 <= panel.get_window_extent(renderer).x1
+
+
+def test_a_verdict_label_is_the_verdict_in_lines_short_enough_to_sit_between_two_values():
+    for verdict in ("best", "worse than best", "not distinguished from best", "equivalent to best"):
+        label = report.verdict_label(verdict)
+        assert " ".join(label.split()) == verdict
+        assert max(len(line) for line in label.splitlines()) <= report.VERDICT_LINE_CHARS
+    assert report.verdict_label("not distinguished from best") == "not distinguished\nfrom best"
+
+
 def test_the_report_shows_each_family_with_its_own_verdicts(tmp_path):
     study = write_ratio_study(tmp_path / "home")
     assert yaml.safe_load((study.directory / report.SPEC_FILE).read_text())["secondary"] == [FAMILY.to_dict()]
@@ -173,9 +203,10 @@ def test_the_report_shows_each_family_with_its_own_verdicts(tmp_path):
     assert PROBE in probe_panel.get_ylabel() and "↑" in probe_panel.get_ylabel()
     assert FID in fid_panel.get_ylabel() and "↓" in fid_panel.get_ylabel()
     probe_by_ratio = {p.params["ratio"]: p.verdict for p in summary.points}
-    assert [t.get_text() for t in probe_panel.texts] == [probe_by_ratio[r] for r in study.axis_values("ratio")]
+    assert [unwrapped(t) for t in probe_panel.texts] == [probe_by_ratio[r] for r in study.axis_values("ratio")]
     fid_by_ratio = {p.params["ratio"]: p.verdict for p in summary.secondary[0].points}
-    assert [t.get_text() for t in fid_panel.texts] == [fid_by_ratio[r] for r in study.axis_values("ratio")]
+    assert [unwrapped(t) for t in fid_panel.texts] == [fid_by_ratio[r] for r in study.axis_values("ratio")]
+    assert_labels_end_before_the_next_value(figure)
     assert len([line for line in fid_panel.get_lines() if line.get_alpha() == 0.35]) == 3  # a line per seed
 
 

@@ -252,6 +252,22 @@ def _fit_title(fig, title: str, fontsize: float = 9) -> None:
         text.set_text(textwrap.fill(title, width))
 
 
+VERDICT_LINE_CHARS = 17
+"""A verdict beside its bar is wrapped to lines this long ("not distinguished" / "from best"): at 7 pt
+about 70 pt wide, less than the space between two categorical values (`PANEL_INCHES_PER_VALUE`)."""
+
+PANEL_INCHES_PER_VALUE = 1.5
+"""A categorical panel is at least this many inches wide per axis value (5.5 inches at the least), so
+that a wrapped verdict ends before the next value's bar."""
+
+
+def verdict_label(verdict: str) -> str:
+    """`verdict` as the figure writes it beside its point: wrapped to `VERDICT_LINE_CHARS` a line."""
+    import textwrap
+
+    return textwrap.fill(verdict, VERDICT_LINE_CHARS)
+
+
 def draw_axis_figure(study: Study, points: Sequence[PointSummary], axis: str, path: Path,
                      secondary: Sequence[SweepSummary] = ()):
     """The figure of `axis` (see the module docstring), saved to `path`; returns the matplotlib figure.
@@ -266,7 +282,8 @@ def draw_axis_figure(study: Study, points: Sequence[PointSummary], axis: str, pa
     metrics = [panel.metric for panel in panels]
     values = study.axis_values(axis)
     numeric = _numeric(values)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.6), squeeze=False, layout="constrained")
+    width = 5.5 if numeric else max(5.5, PANEL_INCHES_PER_VALUE * len(values))  # room for each value's label
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4.6), squeeze=False, layout="constrained")
     counts = sorted({len(p.seeds) for p in points}) or [1]
     seeds = counts[-1]
     seeds_text = f"{counts[0]}–{counts[-1]}" if len(counts) > 1 else str(seeds)  # seeds=auto: points differ
@@ -290,11 +307,11 @@ def draw_axis_figure(study: Study, points: Sequence[PointSummary], axis: str, pa
                 ax.errorbar(xs, means, yerr=half, fmt="_", markersize=16, color=color, capsize=4, linewidth=2, label=shown)
             if panel.verdicts:  # each family's own verdicts
                 for x, cell in zip(xs, cells):
-                    ax.annotate(cell.verdict, (x, cell.estimate.mean), textcoords="offset points", xytext=(7, 3),
-                                fontsize=7, color=color)
+                    ax.annotate(verdict_label(cell.verdict), (x, cell.estimate.mean), textcoords="offset points",
+                                xytext=(10, 0), va="center", fontsize=7, color=color)  # clear of the 16-pt mean mark
         if not numeric:
             ax.set_xticks(range(len(values)), values)
-            ax.set_xlim(-0.6, len(values) - 0.4)
+            ax.set_xlim(-0.6, len(values) + 0.2)  # room right of the last value for its verdict
         ax.set_xlabel(axis)
         ax.set_ylabel(f"{metric} {'↓' if panel.direction == 'minimize' else '↑'}")
         ax.legend(fontsize=8, title=", ".join(a for a in study.axes if a != axis) or None)
