@@ -215,6 +215,11 @@ def axis_series(study: Study, points: Sequence[PointSummary], axis: str, metric:
     return {label: series[label] for label in sorted(series, key=lambda label: (ranks[label], label))}
 
 
+COMPANIONS = (("val/cas", "maximize"), ("val/fid_domain", "minimize"))
+"""(metric, direction that is better) drawn beside the objective when no secondary family is named: the
+first that is not the objective."""
+
+
 @dataclass(frozen=True)
 class Panel:
     """One panel of an axis figure: `metric` drawn from `points`, better when it goes `direction`;
@@ -233,9 +238,9 @@ def _panels(study: Study, points: Sequence[PointSummary], secondary: Sequence[Sw
     panels = [Panel(study.objective, points, study.direction, verdicts)]
     if secondary:
         return panels + [Panel(f.objective, f.points, f.direction, len(f.points) > 1) for f in secondary]
-    companion = next((m for m in ("val/cas", "val/fid_domain") if m != study.objective), None)
-    if companion is not None and any(companion in p.estimates for p in points):
-        panels.append(Panel(companion, points, "minimize" if "fid" in companion else "maximize", False))
+    metric, direction = next((m, d) for m, d in COMPANIONS if m != study.objective)
+    if any(metric in p.estimates for p in points):
+        panels.append(Panel(metric, points, direction, False))
     return panels
 
 

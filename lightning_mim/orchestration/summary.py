@@ -30,6 +30,7 @@ from lightning_mim.statistics import ALPHA, Estimate, NoiseShare, evaluation_noi
 from lightning_mim.verdicts import (
     BEST,
     DIFFERENT,
+    DIRECTIONS,
     EQUIVALENT,
     OPEN,
     PAIRED,
@@ -69,8 +70,13 @@ class VerdictOptions:
             raise ValueError(f"sweep.alpha={self.alpha}: must be in (0, 1)")
         for name in ("equivalence", "effect"):
             value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
+            if not is_margin(value):
                 raise ValueError(f"sweep.{name}={value}: must be a number > 0 (objective units)")
+
+
+def is_margin(value: float | None) -> bool:
+    """Whether `value` can be a margin or an effect in a metric's units: None (none) or a finite number > 0."""
+    return value is None or (math.isfinite(value) and value > 0)
 
 
 @dataclass(frozen=True)
@@ -86,11 +92,11 @@ class MetricFamily:
     def __post_init__(self) -> None:
         if not self.metric:
             raise ValueError("no metric name")
-        if self.direction not in ("minimize", "maximize"):
+        if self.direction not in DIRECTIONS:
             raise ValueError(f"{self.metric}'s direction {self.direction!r} must be minimize or maximize")
         if self.equivalence is not None:
             margin = float(self.equivalence)
-            if not (math.isfinite(margin) and margin > 0):
+            if not is_margin(margin):
                 raise ValueError(f"{self.metric}'s margin {self.equivalence} must be a number > 0 (its own units)")
             object.__setattr__(self, "equivalence", margin)
 
@@ -268,7 +274,7 @@ def summarize(
     objective (`direction`); because every pair is in the Holm family, naming the best after seeing the
     data keeps the family-wise error rate at `options.alpha`.
     """
-    if direction not in ("minimize", "maximize"):
+    if direction not in DIRECTIONS:
         raise ValueError(f"direction must be minimize or maximize, got {direction!r}")
     problem = secondary_problem(objective, secondary, adaptive=rounds is not None)
     if problem:
@@ -531,6 +537,7 @@ def table_rows(summary: SweepSummary) -> list[dict[str, Any]]:
     the params, `n_seeds`, `<metric> mean / ci_low / ci_high` for every estimate, `verdict`,
     `p_vs_best` (Holm-adjusted; None for the best point), `test` (paired / welch); per secondary
     family, `verdict <metric>` and `p_vs_best <metric>` (its own family's)."""
+    families = [(family, {p.label(): p for p in family.points}) for family in summary.secondary]
     rows = []
     for point in summary.points:
         row: dict[str, Any] = {**point.params, "point": point.label(), "n_seeds": len(point.values[summary.objective])}
@@ -541,8 +548,8 @@ def table_rows(summary: SweepSummary) -> list[dict[str, Any]]:
         row["verdict"] = point.verdict
         row["p_vs_best"] = point.p_vs_best
         row["test"] = point.test
-        for family in summary.secondary:  # `verdict val/fid_domain`, `p_vs_best val/fid_domain`
-            other = next((p for p in family.points if p.params == point.params), None)
+        for family, by_point in families:  # `verdict val/fid_domain`, `p_vs_best val/fid_domain`
+            other = by_point.get(point.label())
             row[f"verdict {family.objective}"] = None if other is None else other.verdict
             row[f"p_vs_best {family.objective}"] = None if other is None else other.p_vs_best
         rows.append(row)

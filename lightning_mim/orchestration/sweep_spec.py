@@ -26,8 +26,8 @@ from lightning_mim.orchestration.launchers import LAUNCHERS
 from lightning_mim.orchestration.pruning import PRUNERS
 from lightning_mim.orchestration.summary import MetricFamily, VerdictOptions, secondary_problem
 from lightning_mim.sequential import OBRIEN_FLEMING, SPENDINGS, SequentialDesign
+from lightning_mim.verdicts import DIRECTIONS
 
-DIRECTIONS = ("minimize", "maximize")
 DEFAULT_INFERENCE_ONLY = ("decode.",)
 INTERMEDIATE_EVALS = ("auto", "true", "false")
 REPLICATE_KEY = "replicate"  # the grid axis of `sweep.replicates` (an A/A design)

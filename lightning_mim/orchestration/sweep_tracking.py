@@ -140,7 +140,8 @@ class SweepRuns:
                 client.set_tag(parent, f"best.{key}", str(value))
             try:
                 summary = summarize(outcomes_from_optuna(trials), spec.objective, spec.direction,
-                                    options=spec.verdict_options(), rounds=latest_round(study.user_attrs), secondary=spec.secondary)
+                                    options=spec.verdict_options(), rounds=latest_round(study.user_attrs),
+                                    secondary=spec.secondary)
             except ProtocolMismatch as err:
                 client.set_tag(parent, "lightning_mim.no_table", str(err))
             else:
